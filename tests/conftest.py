@@ -1,0 +1,137 @@
+"""Run the numbered scripts exactly as a user does: a subprocess on a free port."""
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["1_websocket_server.py", "2_websocket_echo.py", "3_websocket_broadcast.py"]
+READY = re.compile(r"Listening on (ws://\S+) \(Ctrl\+C to stop\)")
+
+
+class Script:
+    """A numbered script in a subprocess; both pipes are read all the time."""
+
+    def __init__(self, name, *args, wait_ready=True):
+        self.name = name
+        self.lines = []  # (stream, line) in arrival order, stdout and stderr
+        self.changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / name), *args],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        # A pipe nobody reads fills up and freezes the server: read both, always.
+        self.readers = [
+            threading.Thread(target=self._read, args=(pipe, stream), daemon=True)
+            for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr"))
+        ]
+        for reader in self.readers:
+            reader.start()
+        self.url = self.wait_for(READY).group(1) if wait_ready else None
+
+    def _read(self, pipe, stream):
+        for line in pipe:
+            with self.changed:
+                self.lines.append((stream, line.rstrip("\n")))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append((stream, None))  # end of stream
+            self.changed.notify_all()
+
+    @property
+    def port(self):
+        return int(self.url.rsplit(":", 1)[1])
+
+    def text(self, stream=None):
+        with self.changed:
+            return "\n".join(
+                line for s, line in self.lines if line is not None and stream in (None, s)
+            )
+
+    def wait_for(self, pattern, timeout=10, start=0, count=1):
+        """Wait until `count` lines from line number `start` on match; return the last match."""
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [
+                    m for _, line in self.lines[start:] if line and (m := pattern.search(line))
+                ]
+                if len(found) >= count:
+                    return found[count - 1]
+                ended = sum(1 for _, line in self.lines if line is None) == 2
+                left = deadline - time.monotonic()
+                if ended or left <= 0:
+                    raise AssertionError(
+                        f"{self.name}: no line matching {pattern.pattern!r} "
+                        f"({'process ended' if ended else 'timed out'}); output:\n{self.text()}"
+                    )
+                self.changed.wait(left)
+
+    async def until(self, pattern, timeout=10, start=0, count=1):
+        """wait_for() from async code, without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_for, pattern, timeout, start, count)
+
+    def mark(self):
+        """A line number for wait_for(start=...): only lines logged after now."""
+        with self.changed:
+            return len(self.lines)
+
+    def stop(self, sig=signal.SIGINT, timeout=15):
+        """Send a signal (Ctrl+C by default) and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout=15):
+        """Wait for the process to end and return its exit code."""
+        code = self.proc.wait(timeout)
+        for reader in self.readers:
+            reader.join(5)
+        return code
+
+
+@pytest.fixture
+def start():
+    """start(name, *args): run a script on a free port and wait for its ready line."""
+    started = []
+
+    def start(name, *args, port="0", wait_ready=True):
+        script = Script(name, "--port", port, *args, wait_ready=wait_ready)
+        started.append(script)
+        return script
+
+    yield start
+    for script in started:
+        if script.proc.poll() is None:
+            script.proc.kill()
+            script.proc.wait()
+
+
+def client(url, **kwargs):
+    """A websockets client that never goes through a proxy from the environment."""
+    kwargs.setdefault("proxy", None)
+    kwargs.setdefault("open_timeout", 10)
+    return connect(url, **kwargs)
+
+
+def assert_clean(script):
+    """No traceback and no library error anywhere in a script's output."""
+    output = script.text()
+    assert "Traceback" not in output, output
+    assert "connection handler failed" not in output, output
+    assert "ERROR" not in output, output

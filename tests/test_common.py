@@ -1,0 +1,195 @@
+"""What all three scripts promise: start-up, shutdown, origins, limits, mistakes."""
+
+import asyncio
+import http.client
+import re
+import signal
+import socket
+import struct
+
+import pytest
+from conftest import SCRIPTS, Script, assert_clean, client
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+from websockets.frames import CloseCode
+
+pytestmark = pytest.mark.parametrize("name", SCRIPTS)
+TIMESTAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+
+
+async def test_ready_line_gives_the_real_url(start, name):
+    script = start(name)
+    assert re.fullmatch(r"ws://localhost:\d+", script.url)
+    assert script.port != 0
+    async with client(script.url) as ws:
+        assert ws.state.name == "OPEN"
+
+
+async def test_logs_connection_and_disconnection_with_number_address_and_count(start, name):
+    script = start(name)
+    async with client(script.url), client(script.url):
+        line = await script.until(r"client #2 connected from 127\.0\.0\.1:\d+ \(2 connected\)")
+        assert re.match(TIMESTAMP, line.string), line.string
+    await script.until(r"client #\d disconnected \(code 1000, 0 connected\)")
+    await script.until(r"client #\d disconnected \(code 1000, 1 connected\)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_signal_closes_clients_with_1001_and_exits_0(start, name, sig):
+    script = start(name)
+    async with client(script.url) as ws:
+        await script.until("connected from")
+        script.proc.send_signal(sig)
+        with pytest.raises(ConnectionClosed):
+            while True:  # skip the welcome, if any
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == CloseCode.GOING_AWAY
+    assert await asyncio.to_thread(script.wait) == 0
+    assert "Goodbye" in script.text("stdout")
+    assert_clean(script)
+
+
+async def test_restarts_on_the_same_port_at_once(start, name):
+    first = start(name)
+    async with client(first.url) as ws:
+        await first.until("connected from")
+        assert first.stop() == 0
+        await ws.wait_closed()
+    second = start(name, port=str(first.port))
+    assert second.url == first.url
+    async with client(second.url) as ws:
+        assert ws.state.name == "OPEN"
+
+
+def test_port_in_use_is_one_clear_sentence(start, name):
+    first = start(name)
+    second = start(name, port=str(first.port), wait_ready=False)
+    assert second.wait() not in (0, None)
+    error = second.text("stderr")
+    assert f"Port {first.port} is already in use" in error and "--port" in error
+    assert len(error.splitlines()) == 1, error
+    assert "Traceback" not in second.text()
+
+
+def test_help_explains_every_flag(name):
+    helper = Script(name, "--help", wait_ready=False)
+    assert helper.wait() == 0
+    for flag in ("--host", "--port", "--allow-origin", "--max-clients"):
+        assert flag in helper.text("stdout")
+
+
+def test_bad_flag_is_one_clear_sentence(start, name):
+    script = start(name, port="99999", wait_ready=False)
+    assert script.wait() == 2
+    assert "--port must be" in script.text("stderr")
+    assert "Traceback" not in script.text()
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        None,
+        "null",
+        "http://localhost",
+        "http://localhost:3000",
+        "https://localhost:8443",
+        "http://127.0.0.1:8000",
+        "http://[::1]:5500",
+    ],
+)
+async def test_accepts_local_and_file_origins(start, name, origin):
+    script = start(name)
+    async with client(script.url, origin=origin) as ws:
+        assert ws.state.name == "OPEN"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "http://127.0.0.1.evil.example:80",
+        "file://",
+        "http://localhost:80/path",
+    ],
+)
+async def test_refuses_foreign_origins_with_403_and_says_how_to_allow(start, name, origin):
+    script = start(name)
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(script.url, origin=origin):
+            pass
+    assert refused.value.response.status_code == 403
+    line = await script.until("refused origin")
+    assert repr(origin) in line.string and "--allow-origin" in line.string
+
+
+async def test_allow_origin_flag_accepts_that_origin(start, name):
+    script = start(name, "--allow-origin", "https://example.com")
+    async with client(script.url, origin="https://example.com") as ws:
+        assert ws.state.name == "OPEN"
+    with pytest.raises(InvalidStatus):
+        async with client(script.url, origin="https://example.org"):
+            pass
+
+
+async def test_two_origin_headers_are_refused(start, name):
+    script = start(name)
+    headers = [("Origin", "null"), ("Origin", "https://evil.example")]
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(script.url, additional_headers=headers):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def test_message_over_64_kib_closes_with_1009(start, name):
+    script = start(name)
+    async with client(script.url, max_size=None) as ws:
+        await ws.send("x" * (64 * 1024 + 1))
+        with pytest.raises(ConnectionClosedError):
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+    assert ws.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert_clean(script)
+
+
+async def test_a_client_that_vanishes_is_removed_quietly(start, name):
+    script = start(name)
+    ws = await client(script.url)
+    await script.until("connected from")
+    # Reset the TCP connection: no closing handshake at all.
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+    await script.until(r"client #1 disconnected \(code 1006, 0 connected\)")
+    async with client(script.url) as ws:
+        await script.until(r"client #2 connected")
+    assert_clean(script)
+
+
+async def test_non_loopback_host_prints_a_warning(start, name):
+    script = start(name, "--host", "0.0.0.0")
+    assert "other machines can connect" in script.text("stderr")
+    local = start(name)
+    assert "other machines" not in local.text()
+
+
+async def test_max_clients_refuses_the_next_with_503_then_accepts_again(start, name):
+    script = start(name, "--max-clients", "2")
+    async with client(script.url) as one, client(script.url):
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(script.url):
+                pass
+        assert refused.value.response.status_code == 503
+        await script.until("2 clients is the limit")
+        await one.close()
+        await script.until(r"disconnected \(code 1000, 1 connected\)")
+        async with client(script.url) as three:
+            assert three.state.name == "OPEN"
+
+
+def test_plain_http_request_gets_an_http_answer(start, name):
+    script = start(name)
+    conn = http.client.HTTPConnection("127.0.0.1", script.port, timeout=10)
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    assert response.status == 426  # Upgrade Required: this is a WebSocket server
+    assert_clean(script)
