@@ -61,6 +61,7 @@ def process_request(connection, request, allowed_origins, max_clients):
     if request.path == "/health":
         body = json.dumps({"status": "ok", "clients": len(CLIENTS)})
         response = connection.respond(HTTPStatus.OK, body + "\n")
+        del response.headers["Content-Type"]  # respond() made it text/plain
         response.headers["Content-Type"] = "application/json"
         return response
     # Browsers always send Origin; any web page could otherwise use a visitor's
