@@ -66,19 +66,23 @@ class Script:
         """Wait until `count` lines from line number `start` on match; return the last match."""
         pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
+        found, scanned, ended = [], start, 0
         with self.changed:
             while True:
-                found = [
-                    m for _, line in self.lines[start:] if line and (m := pattern.search(line))
-                ]
+                for _, line in self.lines[scanned:]:
+                    if line is None:
+                        ended += 1
+                    elif match := pattern.search(line):
+                        found.append(match)
+                scanned = max(scanned, len(self.lines))
                 if len(found) >= count:
                     return found[count - 1]
-                ended = sum(1 for _, line in self.lines if line is None) == 2
                 left = deadline - time.monotonic()
-                if ended or left <= 0:
+                if ended == 2 or left <= 0:
+                    why = "process ended" if ended == 2 else "timed out"
                     raise AssertionError(
-                        f"{self.name}: no line matching {pattern.pattern!r} "
-                        f"({'process ended' if ended else 'timed out'}); output:\n{self.text()}"
+                        f"{self.name}: no line matching {pattern.pattern!r} ({why}); "
+                        f"output:\n{self.text()}"
                     )
                 self.changed.wait(left)
 

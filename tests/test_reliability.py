@@ -1,0 +1,392 @@
+"""Under load, faults and hostile input: nothing lost, nothing stuck, memory bounded.
+
+Every scenario talks only to 127.0.0.1, is bounded in count and time, and stops by itself.
+"""
+
+import asyncio
+import itertools
+import json
+import random
+import signal
+import socket
+import struct
+import time
+
+import psutil
+import pytest
+from conftest import SCRIPTS, assert_clean, client
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from wire import frame, handshake, raw_connect, read_close_code, read_response, request
+
+BROADCAST = "3_websocket_broadcast.py"
+MiB = 1024 * 1024
+
+
+class Listener:
+    """A client that reads everything, all the time, and keeps what it got."""
+
+    changed = None  # one asyncio.Condition for all listeners of a test
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.events = []  # (arrival time, event)
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url, **kwargs):
+        if cls.changed is None or cls.changed._loop is not asyncio.get_running_loop():
+            cls.changed = asyncio.Condition()
+        return cls(await client(url, **kwargs))
+
+    async def _read(self):
+        try:
+            async for message in self.ws:
+                self.events.append((time.monotonic(), json.loads(message)))
+                async with self.changed:
+                    self.changed.notify_all()
+        except ConnectionClosed:
+            pass
+        async with self.changed:
+            self.changed.notify_all()
+
+    def of(self, kind):
+        return [event for _, event in self.events if event["type"] == kind]
+
+    @classmethod
+    async def until(cls, predicate, timeout=30):
+        async with asyncio.timeout(timeout), cls.changed:
+            await cls.changed.wait_for(predicate)
+
+
+def rss(script):
+    return psutil.Process(script.proc.pid).memory_info().rss
+
+
+# 1. Many clients, one order
+
+
+async def test_300_clients_see_all_messages_in_one_order_and_presence_once(start):
+    script = start(BROADCAST)
+    clients = [await Listener.connect(script.url) for _ in range(300)]
+    await Listener.until(lambda: all(c.of("welcome") for c in clients))
+    numbers = [c.of("welcome")[0]["client"] for c in clients]
+    assert numbers == list(range(1, 301))
+    # Arrivals settle: everyone's latest presence says 300.
+    await Listener.until(
+        lambda: all(
+            c.of("presence")[-1:] and c.of("presence")[-1]["clients"] == 300 for c in clients
+        )
+    )
+    first = clients[0]
+    joined = [n for event in first.of("presence") for n in event["joined"]]
+    assert sorted(joined) == numbers  # every arrival announced exactly once
+
+    senders = random.Random(1).sample(clients, 10)
+
+    async def talk(sender):
+        for i in range(20):
+            await sender.ws.send(f"{sender.of('welcome')[0]['client']}:{i}")
+            await asyncio.sleep(0)  # interleave the senders
+
+    await asyncio.gather(*(talk(s) for s in senders))
+    await Listener.until(lambda: all(len(c.of("message")) == 200 for c in clients))
+    orders = [[(m["client"], m["text"]) for m in c.of("message")] for c in clients]
+    assert all(order == orders[0] for order in orders)
+    for sender in senders:  # each sender's own messages in the order it sent them
+        n = sender.of("welcome")[0]["client"]
+        assert [t for c, t in orders[0] if c == n] == [f"{n}:{i}" for i in range(20)]
+
+    for c in clients[200:]:
+        await c.ws.close()
+    await Listener.until(lambda: all(c.of("presence")[-1]["clients"] == 200 for c in clients[:200]))
+    left = [n for event in first.of("presence") for n in event["left"]]
+    assert sorted(left) == list(range(201, 301))  # every departure announced exactly once
+    for c in clients[:200]:
+        await c.ws.close()
+    assert_clean(script)
+
+
+# 2. A client that stops reading
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_memory_stays_bounded(start):
+    script = start(BROADCAST)
+    readers = [await Listener.connect(script.url) for _ in range(5)]
+    sender = readers[0]
+    await Listener.until(lambda: all(r.of("welcome") for r in readers))
+    # The stalled client: a handshake on a plain socket with a small receive
+    # buffer, then it never reads again.
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.settimeout(10)
+    stalled.connect(("127.0.0.1", script.port))
+    stalled.sendall(request())
+    assert read_response(stalled)[0] == 101
+    await script.until("client #6 connected")
+    before = rss(script)
+
+    text = "x" * 1000
+    sent = 0
+    cut_off = None
+    while sent < 25_000 and cut_off is None:
+        for _ in range(20):  # paced: wait for each batch to come back
+            await sender.ws.send(text)
+        sent += 20
+        await Listener.until(lambda n=sent: len(sender.of("message")) == n)
+        cut_off = next((line for line in script.text().splitlines() if "behind" in line), None)
+    assert cut_off, f"not cut off after {sent} messages"
+    assert "client #6 is over 1024 KiB behind: disconnecting it" in cut_off
+    growth = rss(script) - before
+    await script.until(r"client #6 disconnected", timeout=15)  # cut after the close timeout
+    await Listener.until(lambda: all(len(r.of("message")) == sent for r in readers))
+    for r in readers:
+        assert [m["text"] for m in r.of("message")] == [text] * sent
+    print(
+        f"cut off after {sent} messages ({sent * 1.05 / 1024:.1f} MiB); "
+        f"RSS grew {growth / MiB:.1f} MiB"
+    )
+    assert growth < 8 * MiB, f"server memory grew {growth / MiB:.1f} MiB"
+    stalled.close()
+    for r in readers:
+        await r.ws.close()
+    assert_clean(script)
+
+
+# 3. Churn
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+async def test_churn_leaves_nothing_behind(start, name):
+    script = start(name, "--quiet") if name.startswith("2_") else start(name)
+
+    async def cycle(i):
+        ws = await client(script.url)
+        if i % 4 == 0:  # a quarter vanish: TCP reset, no close frame
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.transport.abort()
+            await ws.wait_closed()
+        else:
+            await ws.close()
+
+    async def cycles(count, parallel=20):
+        for base in range(0, count, parallel):
+            await asyncio.gather(*(cycle(base + i) for i in range(parallel)))
+
+    await cycles(200)  # warm up: the first connections allocate what later ones reuse
+    await script.until("disconnected", count=200)
+    before = rss(script)
+    await cycles(2000)
+    last = await script.until("disconnected", count=2200, timeout=30)
+    assert last.string.endswith(" 0 connected)"), last.string
+    after = rss(script)
+    if name.startswith("1_"):
+        from test_1_server import health
+
+        assert (await asyncio.to_thread(health, script))["clients"] == 0
+    if name == BROADCAST:
+        async with client(script.url) as ws:
+            assert json.loads(await ws.recv())["clients"] == 1
+    assert_clean(script)
+    print(f"{name}: RSS {before / MiB:.1f} -> {after / MiB:.1f} MiB")
+    assert after - before < 3 * MiB, f"RSS grew {(after - before) / MiB:.1f} MiB"
+
+
+# 5. Hostile and malformed input
+
+
+async def still_serves(script):
+    async with client(script.url) as ws:
+        await ws.send("still there?")
+        if script.name == "2_websocket_echo.py":
+            assert await ws.recv() == "still there?"
+        else:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+
+
+BAD_HTTP = {  # what is sent, and the status it may get (None: connection closed)
+    "plain HTTP": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", {426}),
+    "wrong Upgrade": (request().replace(b"Upgrade: websocket", b"Upgrade: h2c"), {426}),
+    "not HTTP": (bytes(range(256)) * 4 + b"\r\n\r\n", {400, None}),
+    "huge header": (request(extra="X-Big: " + "a" * 100_000 + "\r\n"), {431, None}),
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("what", list(BAD_HTTP))
+async def test_bad_handshakes_are_refused(start, name, what):
+    script = start(name)
+
+    def send():
+        sock = raw_connect(script.port)
+        try:
+            sock.sendall(BAD_HTTP[what][0])
+        except ConnectionError:
+            return None  # refused before it finished sending: fine
+        status, _ = read_response(sock)
+        sock.close()
+        return status
+
+    status = await asyncio.to_thread(send)
+    assert status in BAD_HTTP[what][1], status
+    await still_serves(script)
+    assert_clean(script)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+async def test_a_silent_tcp_connection_is_closed_after_the_handshake_timeout(start, name):
+    script = start(name)
+
+    def wait_for_close():
+        sock = raw_connect(script.port, timeout=15)
+        t0 = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server, nothing sent
+        return time.monotonic() - t0
+
+    waited = await asyncio.to_thread(wait_for_close)
+    assert 4 < waited < 10, waited  # TIMEOUT is 5 s
+    await still_serves(script)
+
+
+BAD_FRAMES = {
+    "invalid UTF-8": ([frame(0x1, b"\xff\xfe")], CloseCode.INVALID_DATA),
+    "frame over 64 KiB": ([frame(0x2, b"x" * (64 * 1024 + 1))], CloseCode.MESSAGE_TOO_BIG),
+    "fragments over 64 KiB": (
+        [frame(0x2, b"x" * 40_000, fin=False), frame(0x0, b"x" * 40_000)],
+        CloseCode.MESSAGE_TOO_BIG,
+    ),
+    "reserved opcode": ([frame(0x3, b"?")], CloseCode.PROTOCOL_ERROR),
+    "unmasked frame": ([frame(0x1, b"hello", mask=False)], CloseCode.PROTOCOL_ERROR),
+    "reserved bit": ([frame(0x1, b"hello", rsv=0b100)], CloseCode.PROTOCOL_ERROR),
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("what", list(BAD_FRAMES))
+async def test_bad_frames_close_with_the_right_code(start, name, what):
+    script = start(name)
+    frames, code = BAD_FRAMES[what]
+
+    def send():
+        sock, rest = handshake(script.port)
+        for data in frames:
+            sock.sendall(data)
+        try:
+            return read_close_code(sock, rest)
+        finally:
+            sock.close()
+
+    assert await asyncio.to_thread(send) == code
+    await still_serves(script)
+    assert_clean(script)
+
+
+# 6. Echo is exact: see test_echo_property.py
+
+
+# 7. Clean stop under load
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_clean_stop_with_200_clients_and_messages_flowing(start, sig):
+    script = start(BROADCAST)
+    clients = [await Listener.connect(script.url) for _ in range(200)]
+    await Listener.until(lambda: all(c.of("welcome") for c in clients))
+
+    async def chatter(c):
+        try:
+            while True:
+                await c.ws.send("busy")
+                await asyncio.sleep(0.01)
+        except ConnectionClosed:
+            pass
+
+    talkers = [asyncio.create_task(chatter(c)) for c in clients[:20]]
+    await Listener.until(lambda: len(clients[-1].of("message")) > 100)
+    t0 = time.monotonic()
+    script.proc.send_signal(sig)
+    assert await asyncio.to_thread(script.wait, 10) == 0
+    took = time.monotonic() - t0
+    await asyncio.gather(*talkers)
+    for c in clients:
+        await c.task
+        assert c.ws.close_code == CloseCode.GOING_AWAY
+    assert took < 5 + 1, took  # within the close timeout
+    assert "Goodbye" in script.text("stdout")
+    assert_clean(script)
+    again = start(BROADCAST, port=str(script.port))  # the port is free at once
+    await still_serves(again)
+
+
+# 8. Crash and restart
+
+
+async def test_sigkill_drops_clients_and_the_script_restarts_at_once(start):
+    script = start(BROADCAST)
+    clients = [await Listener.connect(script.url) for _ in range(20)]
+    await Listener.until(lambda: all(c.of("welcome") for c in clients))
+    script.proc.kill()
+    for c in clients:
+        await asyncio.wait_for(c.task, 10)
+        assert c.ws.close_code == CloseCode.ABNORMAL_CLOSURE
+    again = start(BROADCAST, port=str(script.port))
+    await still_serves(again)
+
+
+# 9. Reconnect storm
+
+
+async def test_reconnect_storm_of_1000_clients_costs_linear_frames(start):
+    script = start(BROADCAST)
+    observer = await Listener.connect(script.url)
+    sender = await Listener.connect(script.url)
+    storm = []  # 998 more: 1,000 clients in all, the default --max-clients
+    sent_at = None
+
+    async def join():
+        storm.append(await Listener.connect(script.url, open_timeout=30))
+
+    t0 = time.monotonic()
+    tasks = []
+    for i in range(998):
+        tasks.append(asyncio.create_task(join()))
+        if i % 100 == 99:
+            await asyncio.sleep(0.1)  # spread the arrivals over about a second
+        if i == 500:
+            await Listener.until(lambda: sum(bool(c.of("welcome")) for c in storm) >= 300)
+            sent_at = time.monotonic()
+            await sender.ws.send("during the storm")
+    await asyncio.gather(*tasks)
+    assert len(storm) == 998
+    await Listener.until(lambda: all(c.of("welcome") for c in storm), timeout=60)
+    everyone = [observer, sender, *storm]
+    await Listener.until(
+        lambda: all(c.of("presence") and c.of("presence")[-1]["clients"] == 1000 for c in everyone),
+        timeout=30,
+    )
+    storm_time = time.monotonic() - t0
+
+    # The message reached every client that was connected when it was sent.
+    connected = [c for c in storm if c.events[0][0] < sent_at]
+    assert len(connected) >= 300
+    for c in connected:
+        assert [m["text"] for m in c.of("message")] == ["during the storm"]
+
+    # At most 5 presence updates a second (arrival jitter aside).
+    times = [t for t, e in observer.events if e["type"] == "presence"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(times) <= 5 * storm_time + 2, (len(times), storm_time)
+    assert min(gaps, default=1) > 0.1, gaps
+
+    frames = sum(len(c.events) for c in everyone)
+    print(
+        f"storm: {frames} frames to 1,000 clients in {storm_time:.1f} s, "
+        f"{len(times)} presence updates"
+    )
+    assert frames <= 20 * len(everyone), (
+        frames
+    )  # linear: one announcement per client, not per arrival
+    for c in everyone:
+        await c.ws.close()
+    assert_clean(script)
