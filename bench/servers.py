@@ -1,0 +1,104 @@
+"""Reference servers for the benchmarks: measuring sticks, not code to copy.
+
+Run: python bench/servers.py NAME [--port PORT]   (NAME: see SERVERS below)
+Each prints the same ready line as the demos, so the benchmarks start them alike.
+"""
+
+import argparse
+import asyncio
+import contextlib
+
+from websockets.asyncio.server import broadcast, serve
+from websockets.exceptions import ConnectionClosed
+
+CLIENTS = set()
+
+
+async def bare_echo(websocket):
+    """The library's own echo, default settings."""
+    async for message in websocket:
+        await websocket.send(message)
+
+
+async def bare_broadcast(websocket):
+    """websockets' broadcast() with no application logic, default settings."""
+    CLIENTS.add(websocket)
+    try:
+        async for message in websocket:
+            broadcast(CLIENTS, message)
+    finally:
+        CLIENTS.discard(websocket)
+
+
+async def await_each(websocket):
+    """The naive fan-out: await send() to each client in turn."""
+    CLIENTS.add(websocket)
+    try:
+        async for message in websocket:
+            for other in list(CLIENTS):
+                with contextlib.suppress(ConnectionClosed):
+                    await other.send(message)
+    finally:
+        CLIENTS.discard(websocket)
+
+
+def text_frame(payload):
+    """An unmasked, uncompressed text frame, as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        return bytes([0x81, n]) + payload
+    if n < 1 << 16:
+        return bytes([0x81, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([0x81, 127]) + n.to_bytes(8, "big") + payload
+
+
+async def floor_probe(websocket):
+    """The floor: one pre-built frame written straight to each transport."""
+    CLIENTS.add(websocket)
+    try:
+        async for message in websocket:
+            frame = text_frame(message.encode())
+            for other in CLIENTS:
+                other.transport.write(frame)
+    finally:
+        CLIENTS.discard(websocket)
+
+
+class RawEcho(asyncio.Protocol):
+    """TCP echo without WebSocket framing: the Python ceiling."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+SERVERS = {
+    "bare-echo": bare_echo,
+    "bare-broadcast": bare_broadcast,
+    "await-each": await_each,
+    "floor": floor_probe,
+    "raw-tcp-echo": None,
+}
+
+
+async def main(name, port):
+    if name == "raw-tcp-echo":
+        server = await asyncio.get_running_loop().create_server(RawEcho, "127.0.0.1", port)
+    else:
+        server = await serve(SERVERS[name], "127.0.0.1", port)
+    print(
+        f"Listening on ws://127.0.0.1:{server.sockets[0].getsockname()[1]} (Ctrl+C to stop)",
+        flush=True,
+    )
+    await asyncio.Future()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=SERVERS)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(args.name, args.port))
