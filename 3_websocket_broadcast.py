@@ -12,8 +12,10 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 from functools import partial
 from http import HTTPStatus
@@ -35,21 +37,22 @@ TASKS = set()  # asyncio keeps only weak references to tasks: hold them here
 
 async def handler(websocket):
     """Welcome a client, then relay each of its messages to everyone."""
-    client = next(CLIENT_NUMBERS)
+    client = await new_client_number()
+    if client is None:  # only with --redis, while Redis is unreachable
+        await websocket.close(CloseCode.TRY_AGAIN_LATER, "broadcast unavailable")
+        return
     address = "{}:{}".format(*websocket.remote_address)
     CLIENTS[websocket] = client
     logging.info("client #%d connected from %s (%d connected)", client, address, len(CLIENTS))
-    presence_changed(JOINED, client)
+    await share({"type": "joined", "client": client})
     try:
-        await websocket.send(
-            json.dumps({"type": "welcome", "client": client, "clients": len(CLIENTS)})
-        )
+        await websocket.send(json.dumps({"type": "welcome", "client": client, "clients": online()}))
         async for message in websocket:
-            if problem := check(message):
+            if problem := problem_with(message):
                 await websocket.send(json.dumps({"type": "error", "reason": problem}))
-            else:
-                logging.info("client #%d to %d clients: %r", client, len(CLIENTS), message[:80])
-                send_to_all({"type": "message", "client": client, "text": message})
+            elif not await share({"type": "message", "client": client, "text": message}):
+                reason = "broadcast unavailable: Redis is unreachable, try again soon"
+                await websocket.send(json.dumps({"type": "error", "reason": reason}))
     except ConnectionClosedError:
         pass  # the client vanished without a closing handshake: normal on networks
     finally:
@@ -61,10 +64,10 @@ async def handler(websocket):
             websocket.close_code,
             len(CLIENTS),
         )
-        presence_changed(LEFT, client)
+        await share({"type": "left", "client": client})
 
 
-def check(message):
+def problem_with(message):
     """Say what is wrong with a message, or return None if it can be broadcast."""
     if isinstance(message, bytes):
         return "binary messages are not supported: send text"
@@ -75,8 +78,30 @@ def check(message):
     return None
 
 
+def deliver(event):
+    """Hand an event (from this process or, with --redis, from any) to the clients here."""
+    server = event.pop("server", SERVER_ID)
+    if event["type"] == "message":
+        logging.info(
+            "client #%d to %d clients: %r", event["client"], len(CLIENTS), event["text"][:80]
+        )
+        send_to_all(event)
+    elif event["type"] == "heartbeat":
+        if server != SERVER_ID:
+            server_seen(server, set(event["clients"]))
+    else:  # "joined" or "left"
+        joined = event["type"] == "joined"
+        if server != SERVER_ID:
+            clients = OTHER_SERVERS.get(server, (set(), 0))[0]
+            if (event["client"] in clients) == joined:
+                return  # its heartbeat told us already
+            (clients.add if joined else clients.discard)(event["client"])
+            OTHER_SERVERS[server] = (clients, asyncio.get_running_loop().time())
+        presence_changed(JOINED if joined else LEFT, [event["client"]])
+
+
 def send_to_all(event):
-    """Send an event to every client without waiting for any of them."""
+    """Send an event to every client here without waiting for any of them."""
     broadcast(CLIENTS, json.dumps(event))
     # broadcast() never waits, so what a client doesn't read piles up here.
     # Cut off a client that falls too far behind, before it eats all memory.
@@ -92,19 +117,133 @@ def send_to_all(event):
         asyncio.get_running_loop().call_later(TIMEOUT, websocket.transport.abort)
 
 
-def presence_changed(changes, client):
-    """Note an arrival or a departure; announce them in batches, 5 a second at most."""
-    changes.append(client)
+def presence_changed(changes, clients):
+    """Note arrivals or departures; announce them in batches, 5 a second at most."""
+    first = not (JOINED or LEFT)
+    changes.extend(clients)
     # The first change since the last announcement schedules the next one and
     # later changes ride along: a storm of N arrivals costs O(N) frames, not O(N²).
-    if len(JOINED) + len(LEFT) == 1:
+    if first and clients:
         asyncio.get_running_loop().call_later(PRESENCE_INTERVAL, announce_presence)
 
 
 def announce_presence():
-    send_to_all({"type": "presence", "clients": len(CLIENTS), "joined": JOINED, "left": LEFT})
+    send_to_all({"type": "presence", "clients": online(), "joined": JOINED, "left": LEFT})
     JOINED.clear()
     LEFT.clear()
+
+
+# Scaling out, optional: with --redis URL, any number of these processes share one
+# conversation. Each publishes its events to one Redis channel and delivers only
+# what comes back, so Redis puts every message in one order for every client.
+# Without --redis, share() delivers at once and nothing here touches Redis.
+
+REDIS = None  # with --redis: a redis.asyncio client
+RedisError = ()  # with --redis: redis.exceptions.RedisError (an empty tuple catches nothing)
+CHANNEL, COUNTER = "broadcast:events", "broadcast:client-numbers"
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+OTHER_SERVERS = {}  # with --redis: another process -> (its client numbers, when last heard)
+PUBLISHING = asyncio.Lock()
+SUBSCRIBED = asyncio.Event()  # set once the channel is relayed: then clients may come
+HEARTBEAT = 2  # seconds between "I'm alive, with these clients" messages
+SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as dead
+
+
+def online():
+    """How many clients are connected, here and on every other live process."""
+    return len(CLIENTS) + sum(len(clients) for clients, _ in OTHER_SERVERS.values())
+
+
+async def new_client_number():
+    """The next client number, unique across all processes; None if Redis is down."""
+    if REDIS is None:
+        return next(CLIENT_NUMBERS)
+    try:
+        return await REDIS.incr(COUNTER)
+    except RedisError:
+        return None
+
+
+async def share(event):
+    """Deliver an event to every process's clients. False if Redis is unreachable."""
+    if REDIS is None:
+        deliver(event)
+        return True
+    try:
+        # One publish at a time: Redis then has each process's events in the
+        # order they happened, heartbeats included.
+        async with PUBLISHING:
+            await REDIS.publish(CHANNEL, json.dumps({**event, "server": SERVER_ID}))
+        return True
+    except RedisError as exc:
+        logging.warning("cannot publish to Redis: %s", exc)
+        return False
+
+
+def server_seen(server, clients):
+    """Update what we know of another process; announce whoever came or went there."""
+    before = OTHER_SERVERS.get(server, (set(), 0))[0]
+    OTHER_SERVERS[server] = (clients, asyncio.get_running_loop().time())
+    presence_changed(JOINED, sorted(clients - before))
+    presence_changed(LEFT, sorted(before - clients))
+
+
+async def relay_from_redis():
+    """Deliver every event published to the channel; if Redis goes away, retry with backoff."""
+    delay = 1
+    while True:
+        try:
+            async with REDIS.pubsub() as pubsub:
+                await pubsub.subscribe(CHANNEL)
+                # After a Redis restart the counter starts again at 0: lift it
+                # above every client number still in use, so numbers stay unique.
+                known = [*CLIENTS.values(), *(n for c, _ in OTHER_SERVERS.values() for n in c)]
+                await REDIS.eval(LIFT_COUNTER, 1, COUNTER, max(known, default=0))
+                logging.info("relaying Redis channel %r", CHANNEL)
+                SUBSCRIBED.set()
+                delay = 1
+                async for item in pubsub.listen():
+                    if item["type"] == "message":
+                        deliver(json.loads(item["data"]))
+        except RedisError as exc:
+            logging.warning("lost Redis (%s); retrying in %d s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 30)
+
+
+async def connect_redis(url):
+    """With --redis: connect to Redis, or say in one sentence why not."""
+    global REDIS, RedisError
+    try:
+        import redis.asyncio
+        from redis.exceptions import RedisError
+    except ImportError:
+        sys.exit("--redis needs the redis package: pip install redis")
+    try:
+        REDIS = redis.asyncio.from_url(url, socket_timeout=TIMEOUT)
+        await REDIS.ping()
+    except (RedisError, ValueError) as exc:
+        sys.exit(f"Cannot reach Redis at {url}: {exc}. Start Redis, or run without --redis.")
+
+
+LIFT_COUNTER = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[1])
+end"""
+
+
+async def heartbeat():
+    """Tell the other processes who is connected here; forget those that went silent."""
+    while True:
+        await share({"type": "heartbeat", "clients": list(CLIENTS.values())})
+        now = asyncio.get_running_loop().time()
+        for server, (clients, heard) in list(OTHER_SERVERS.items()):
+            if now - heard > SILENT_LIMIT:  # killed, or cut off from Redis
+                del OTHER_SERVERS[server]
+                if clients:
+                    logging.warning("%s went silent; its %d clients left", server, len(clients))
+                presence_changed(LEFT, sorted(clients))
+        await asyncio.sleep(HEARTBEAT)
 
 
 LOCAL_PAGE = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
@@ -126,15 +265,19 @@ def process_request(connection, request, allowed_origins, max_clients):
 
 
 async def main(args):
-    check = partial(
+    checks = partial(
         process_request, allowed_origins=args.allow_origin, max_clients=args.max_clients
     )
+    if args.redis:
+        await connect_redis(args.redis)
+        redis_tasks = [asyncio.create_task(relay_from_redis()), asyncio.create_task(heartbeat())]
+        await SUBSCRIBED.wait()
     try:
         server = await serve(
             handler,
             args.host,
             args.port,
-            process_request=check,
+            process_request=checks,
             max_size=MAX_SIZE,
             compression=None,  # see README, "Performance": small messages gain little
             open_timeout=TIMEOUT,
@@ -162,6 +305,10 @@ async def main(args):
         for websocket in CLIENTS:  # a client that stopped reading never answers:
             loop.call_later(TIMEOUT, websocket.transport.abort)
         await server.wait_closed()
+        if REDIS is not None:
+            for task in redis_tasks:
+                task.cancel()
+            await REDIS.aclose()
 
 
 def parse_args():
@@ -179,6 +326,12 @@ def parse_args():
     )
     parser.add_argument(
         "--max-clients", type=int, default=1000, help="refuse more with HTTP 503 (default: 1000)"
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share the conversation with other "
+        "processes through Redis, e.g. redis://localhost:6379/0",
     )
     args = parser.parse_args()
     if not 0 <= args.port <= 65535 or args.max_clients < 1:

@@ -33,7 +33,7 @@ def pin(pid, cores):
 class Server:
     """A server in a subprocess, pinned to its core, its output drained all the time."""
 
-    def __init__(self, command):
+    def __init__(self, command, cores=SERVER_CORE):
         raise_file_limit()
         self.proc = subprocess.Popen(
             [sys.executable, "-u", *command],
@@ -43,7 +43,8 @@ class Server:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        pin(self.proc.pid, SERVER_CORE)
+        if cores:
+            pin(self.proc.pid, cores)
         line = self.proc.stdout.readline()
         match = READY.search(line)
         if not match:

@@ -1,8 +1,11 @@
 """Run the numbered scripts exactly as a user does: a subprocess on a free port."""
 
 import asyncio
+import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +23,7 @@ READY = re.compile(r"Listening on (ws://\S+) \(Ctrl\+C to stop\)")
 class Script:
     """A numbered script in a subprocess; both pipes are read all the time."""
 
-    def __init__(self, name, *args, wait_ready=True):
+    def __init__(self, name, *args, wait_ready=True, env=None):
         self.name = name
         self.lines = []  # (stream, line) in arrival order, stdout and stderr
         self.changed = threading.Condition()
@@ -33,6 +36,7 @@ class Script:
             text=True,
             encoding="utf-8",
             errors="replace",
+            env=env,
         )
         # A pipe nobody reads fills up and freezes the server: read both, always.
         self.readers = [
@@ -114,8 +118,8 @@ def start():
     """start(name, *args): run a script on a free port and wait for its ready line."""
     started = []
 
-    def start(name, *args, port="0", wait_ready=True):
-        script = Script(name, "--port", port, *args, wait_ready=wait_ready)
+    def start(name, *args, port="0", wait_ready=True, env=None):
+        script = Script(name, "--port", port, *args, wait_ready=wait_ready, env=env)
         started.append(script)
         return script
 
@@ -139,3 +143,66 @@ def assert_clean(script):
     assert "Traceback" not in output, output
     assert "connection handler failed" not in output, output
     assert "ERROR" not in output, output
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port, persistence off."""
+
+    def __init__(self, binary):
+        self.binary, self.port = binary, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready = threading.Event()
+
+        def read():  # keep draining the pipe, or redis-server blocks on a full one
+            for line in self.proc.stdout:
+                if "Ready to accept connections" in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert ready.wait(10), "redis-server did not start"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if binary is None:
+        message = (
+            "no redis-server found: install it (Debian/Ubuntu: apt-get install redis-server, "
+            "macOS: brew install redis) or set REDIS_SERVER to its path"
+        )
+        if os.environ.get("CI") or os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(binary)
+    yield server
+    if server.proc.poll() is None:
+        server.stop()

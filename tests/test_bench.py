@@ -35,6 +35,17 @@ def test_broadcast_benchmark_prints_its_tables():
         assert server in out
     assert "p99 ratios" in out and "20 idle clients" in out
     latency_table = out.split("latency in ms\n", 1)[1].split("\n\n", 1)[0]
-    rows = latency_table.splitlines()[2:]
+    rows = [line for line in latency_table.splitlines()[2:] if "|" in line]
     assert len(rows) == 4
     assert all(row.split("|")[5].strip() == "0" for row in rows), latency_table  # nothing lost
+
+
+def test_broadcast_scale_out_benchmark_prints_its_table():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "broadcast.py"), "--quick", "--scale-out"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    assert "1 process" in out and "2 processes + Redis" in out, out

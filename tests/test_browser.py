@@ -3,10 +3,9 @@
 import os
 import re
 import shutil
-import socket
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -69,12 +68,6 @@ def open_page(browser):
 
 def expect(locator):
     return playwright.expect(locator)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # The echo page
@@ -220,6 +213,25 @@ def test_broadcast_too_long_message_shows_the_error_in_the_sender_only(start, op
         expect(page.locator("#log .message")).to_contain_text("short")
     for page in pages[1:]:
         assert page.locator("#log .error").count() == 0
+
+
+def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page, redis_server):
+    one = start("3_websocket_broadcast.py", "--redis", redis_server.url)
+    two = start("3_websocket_broadcast.py", "--redis", redis_server.url)
+    pages = [open_page("3_client_broadcast.html", url) for url in (one.url, two.url)]
+    for page in pages:
+        expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    for page in pages:
+        expect(page.locator("#clients")).to_have_text("2")
+    send(pages[0], "from the first process")
+    expect(pages[1].locator("#log .message")).to_have_count(1)
+    send(pages[1], "from the second process")
+    for page in pages:
+        expect(page.locator("#log .message")).to_have_count(2)
+    texts = [page.locator("#log .message").all_text_contents() for page in pages]
+    strip = [[line.split("  ", 1)[1].replace(" (you)", "") for line in t] for t in texts]
+    assert strip[0] == strip[1]
+    assert all(page.problems == [] for page in pages)
 
 
 # Both pages
