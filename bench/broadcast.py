@@ -7,13 +7,17 @@ Servers run on one core, the load generator on the other; all on 127.0.0.1.
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import zlib
+from urllib.parse import urlsplit
 
 from common import CLIENT_CORE, ROOT, Server, machine, pin, summary, table
 
@@ -57,97 +61,145 @@ async def connect_all(urls, n):
     return clients
 
 
-async def load(urls, n, rate, seconds, ours, everyone, sending):
-    """A load generator: n receivers and, if `sending`, the one sender.
+class Receiver(asyncio.Protocol):
+    """A lean read-only WebSocket client, so that thousands fit in one process.
 
-    With several load processes, each waits until the server's presence count says
-    all `everyone` clients are connected, so the sender starts when all are there.
+    It offers permessage-deflate as browsers do, answers pings, and records when
+    each broadcast arrives; it parses frames in bulk, with no task per client.
     """
-    urls = urls.split(",")
-    received = [[] for _ in range(n)]  # latencies in ms, per receiver
-    settled = [False] * n
-    all_settled = asyncio.Event()
 
-    async def read(i, ws):
-        async for message in ws:
-            now = time.time()
-            if ours:
-                event = json.loads(message)
-                if event["type"] == "presence" and event["clients"] == everyone:
-                    settled[i] = True
-                    if all(settled):
-                        all_settled.set()
-                if event["type"] != "message":
-                    continue
-                message = event["text"]
-            received[i].append(round((now - float(message)) * 1000, 2))
+    def __init__(self, path, host, ours, everyone, latencies):
+        self.path, self.host, self.ours, self.everyone = path, host, ours, everyone
+        self.latencies = latencies  # shared list of (ms) for this process
+        self.buffer, self.opened = b"", asyncio.get_running_loop().create_future()
+        self.inflate, self.settled, self.count = None, False, 0
 
-    t0 = time.monotonic()
-    receivers = await connect_all(urls, n)
-    readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(receivers)]
-    senders = await connect_all(urls, 1) if sending else []
-    drains = [asyncio.create_task(read_and_drop(ws)) for ws in senders]
-    if ours:
-        await asyncio.wait_for(all_settled.wait(), 300)
-    connect_time = time.monotonic() - t0
-
-    total = int(rate * seconds)
-    slips = []
-    start = time.monotonic() + 0.5
-    for k in range(total if sending else 0):
-        scheduled = start + k / rate
-        await asyncio.sleep(max(0, scheduled - time.monotonic()))
-        slips.append(time.monotonic() - scheduled)
-        await senders[0].send(repr(time.time()))
-    deadline = time.monotonic() + seconds + 60
-    while time.monotonic() < deadline and any(len(r) < total for r in received):
-        await asyncio.sleep(0.05)
-    for ws in [*receivers, *senders]:
-        ws.transport.abort()
-    for task in [*readers, *drains]:
-        task.cancel()
-    print(
-        json.dumps(
-            {
-                "latencies": [x for r in received for x in r],
-                "lost": sum(total - len(r) for r in received),
-                "connect": connect_time,
-                "slip": max(slips, default=0) * 1000,
-            }
+    def connection_made(self, transport):
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
         )
-    )
+
+    def data_received(self, data):
+        now = time.time()
+        self.buffer += data
+        if not self.opened.done():
+            head, found, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            if not found:
+                self.buffer = head
+                return
+            if b"permessage-deflate" in head.lower():
+                self.inflate = zlib.decompressobj(-15)
+            self.opened.set_result(head.startswith(b"HTTP/1.1 101"))
+        while len(self.buffer) >= 2:
+            first, length = self.buffer[0], self.buffer[1] & 0x7F
+            start = 2
+            if length == 126:
+                length, start = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif length == 127:
+                length, start = int.from_bytes(self.buffer[2:10], "big"), 10
+            if len(self.buffer) < start + length:
+                return
+            payload = self.buffer[start : start + length]
+            self.buffer = self.buffer[start + length :]
+            opcode = first & 0x0F
+            if opcode == 0x9:  # ping: answer with a masked pong
+                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+            elif opcode == 0x1:
+                if first & 0x40:  # compressed (RSV1)
+                    payload = self.inflate.decompress(payload + b"\x00\x00\xff\xff")
+                self.message(payload, now)
+
+    def message(self, payload, now):
+        if self.ours:
+            if not payload.startswith(b'{"type": "message"'):
+                event = json.loads(payload)
+                self.settled |= event["type"] == "presence" and event["clients"] == self.everyone
+                return
+            # Slice the timestamp out rather than parse the JSON, so that receiving
+            # costs the same as with the references, which send bare text.
+            payload = payload[payload.rindex(b'"text": "') + 9 : -2]
+        self.count += 1
+        self.latencies.append(round((now - float(payload)) * 1000, 2))
+
+
+async def receive(urls, n, ours, everyone, total, seconds):
+    """Load process: n lean receivers. Prints "ready" once all are in, then the latencies."""
+    loop = asyncio.get_running_loop()
+    latencies, receivers = [], []
+    t0 = time.monotonic()
+    for start in range(0, n, 100):
+        batch = []
+        for i in range(start, min(start + 100, n)):
+            url = urlsplit(urls[i % len(urls)])
+            receiver = Receiver(url.path or "/", url.netloc, ours, everyone, latencies)
+            batch.append(loop.create_connection(lambda r=receiver: r, url.hostname, url.port))
+            receivers.append(receiver)
+        await asyncio.gather(*batch)
+        assert all(await asyncio.gather(*(r.opened for r in receivers[start:])))
+    while ours and not all(r.settled for r in receivers):  # presence says all are in
+        await asyncio.sleep(0.05)
+    print(json.dumps({"connect": time.monotonic() - t0}), flush=True)
+    deadline = time.monotonic() + seconds + 60
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go": the sender has started
+    while time.monotonic() < deadline and any(r.count < total for r in receivers):
+        await asyncio.sleep(0.05)
+    for r in receivers:
+        r.transport.abort()
+    print(json.dumps({"latencies": latencies, "lost": sum(total - r.count for r in receivers)}))
+
+
+async def send(url, rate, total):
+    """Load process: the sender, alone, so that its schedule depends on nobody else."""
+    from websockets.asyncio.client import connect
+
+    async with connect(url, proxy=None, ping_interval=None) as ws:
+        drain = asyncio.create_task(read_and_drop(ws))
+        print("connected", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+        slips = []
+        start = time.monotonic() + 0.2
+        for k in range(total):
+            scheduled = start + k / rate
+            await asyncio.sleep(max(0, scheduled - time.monotonic()))
+            slips.append(time.monotonic() - scheduled)
+            await ws.send(repr(time.time()))
+        drain.cancel()
+    print(json.dumps({"slip": max(slips, default=0) * 1000}))
 
 
 def run_loads(urls, n, rate, seconds, ours, processes=1):
-    """Run the load in `processes` processes, the first one sending; merge the results."""
-    shares = [n // processes + (i < n % processes) for i in range(processes)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--load",
-                ",".join(urls),
-                str(share),
-                str(rate),
-                str(seconds),
-                "ours" if ours else "ref",
-                str(n + 1),
-                str(int(i == 0)),
-            ],
+    """One sender process and `processes` receiver processes; merge what they measured."""
+    total = int(rate * seconds)
+
+    def spawn(*args):
+        return subprocess.Popen(
+            [sys.executable, __file__, *map(str, args)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=(lambda: pin(0, CLIENT_CORE)) if processes == 1 else None,
         )
-        for i, share in enumerate(shares)
+
+    sender = spawn("--send", urls[0], rate, total)
+    assert sender.stdout.readline().strip() == "connected"
+    shares = [n // processes + (i < n % processes) for i in range(processes)]
+    kind = "ours" if ours else "ref"
+    receivers = [
+        spawn("--receive", ",".join(urls), share, kind, n + 1, total, seconds) for share in shares
     ]
-    outs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError("load generator failed")
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    connect = max(json.loads(r.stdout.readline())["connect"] for r in receivers)
+    for proc in [*receivers, sender]:  # go
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    outs = [
+        json.loads(proc.communicate(timeout=900)[0].strip().splitlines()[-1]) for proc in receivers
+    ]
+    slip = json.loads(sender.communicate(timeout=900)[0].strip().splitlines()[-1])["slip"]
     latencies = [x for o in outs for x in o["latencies"]]
     return {
         "p50": percentile(latencies, 50),
@@ -155,8 +207,8 @@ def run_loads(urls, n, rate, seconds, ours, processes=1):
         "p99": percentile(latencies, 99),
         "max": max(latencies, default=float("nan")),
         "lost": sum(o["lost"] for o in outs),
-        "connect": max(o["connect"] for o in outs),
-        "slip": outs[0]["slip"],
+        "connect": connect,
+        "slip": slip,
     }
 
 
@@ -297,8 +349,10 @@ def measure_scale_out(sizes, runs, seconds):
                 for name in results:
                     count = 1 if name == "1 process" else 2
                     extra = [] if count == 1 else ["--redis", url]
-                    servers = [Server([*command, *extra], cores=None) for _ in range(count)]
+                    servers = []
                     try:
+                        for _ in range(count):
+                            servers.append(Server([*command, *extra], cores=None))
                         cpu0 = sum(s.cpu_seconds() for s in servers)
                         t0 = time.monotonic()
                         out = run_loads([s.url for s in servers], n, 5, seconds, True, 2)
@@ -324,22 +378,20 @@ def main():
     parser.add_argument(
         "--scale-out", action="store_true", help="compare 1 process with 2 through Redis"
     )
-    parser.add_argument("--load", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--receive", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--idle", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.load:
-        urls, n, rate, seconds, kind, everyone, sending = args.load
+    if args.receive:
+        urls, n, kind, everyone, total, seconds = args.receive
         asyncio.run(
-            load(
-                urls,
-                int(n),
-                float(rate),
-                float(seconds),
-                kind == "ours",
-                int(everyone),
-                sending == "1",
+            receive(
+                urls.split(","), int(n), kind == "ours", int(everyone), int(total), float(seconds)
             )
         )
+        return
+    if args.send:
+        asyncio.run(send(args.send[0], float(args.send[1]), int(args.send[2])))
         return
     if args.idle:
         asyncio.run(idle(args.idle[0], int(args.idle[1])))

@@ -10,6 +10,7 @@ import contextlib
 
 from websockets.asyncio.server import broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 CLIENTS = set()
 
@@ -59,7 +60,8 @@ async def floor_probe(websocket):
         async for message in websocket:
             frame = text_frame(message.encode())
             for other in CLIENTS:
-                other.transport.write(frame)
+                if other.state is State.OPEN:  # as broadcast() does; a closing one refuses writes
+                    other.transport.write(frame)
     finally:
         CLIENTS.discard(websocket)
 
@@ -86,7 +88,10 @@ SERVERS = {
 async def main(name, port):
     if name == "raw-tcp-echo":
         server = await asyncio.get_running_loop().create_server(RawEcho, "127.0.0.1", port)
-    else:
+    elif name == "floor":
+        # Compression off, as in the demo, so that only the fan-out differs.
+        server = await serve(floor_probe, "127.0.0.1", port, compression=None)
+    else:  # the library's default settings
         server = await serve(SERVERS[name], "127.0.0.1", port)
     print(
         f"Listening on ws://127.0.0.1:{server.sockets[0].getsockname()[1]} (Ctrl+C to stop)",
