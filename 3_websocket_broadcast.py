@@ -143,8 +143,10 @@ RedisError = ()  # with --redis: redis.exceptions.RedisError (an empty tuple cat
 CHANNEL, COUNTER = "broadcast:events", "broadcast:client-numbers"
 SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 OTHER_SERVERS = {}  # with --redis: another process -> (its client numbers, when last heard)
-PUBLISHING = asyncio.Lock()
-SUBSCRIBED = asyncio.Event()  # set once the channel is relayed: then clients may come
+# One Redis command at a time: Redis gets this process's events in the order they
+# happened, and a storm of arrivals queues here instead of opening a connection each.
+ONE_AT_A_TIME = asyncio.Lock()
+SUBSCRIBED = asyncio.Event()  # set while the channel is relayed, i.e. Redis is there
 HEARTBEAT = 2  # seconds between "I'm alive, with these clients" messages
 SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as dead
 
@@ -158,8 +160,11 @@ async def new_client_number():
     """The next client number, unique across all processes; None if Redis is down."""
     if REDIS is None:
         return next(CLIENT_NUMBERS)
+    if not SUBSCRIBED.is_set():
+        return None
     try:
-        return await REDIS.incr(COUNTER)
+        async with ONE_AT_A_TIME:
+            return await REDIS.incr(COUNTER)
     except RedisError:
         return None
 
@@ -169,10 +174,10 @@ async def share(event):
     if REDIS is None:
         deliver(event)
         return True
+    if not SUBSCRIBED.is_set():  # Redis is down: don't queue up attempts
+        return False
     try:
-        # One publish at a time: Redis then has each process's events in the
-        # order they happened, heartbeats included.
-        async with PUBLISHING:
+        async with ONE_AT_A_TIME:
             await REDIS.publish(CHANNEL, json.dumps({**event, "server": SERVER_ID}))
         return True
     except RedisError as exc:
@@ -206,6 +211,7 @@ async def relay_from_redis():
                     if item["type"] == "message":
                         deliver(json.loads(item["data"]))
         except RedisError as exc:
+            SUBSCRIBED.clear()
             logging.warning("lost Redis (%s); retrying in %d s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 30)

@@ -72,7 +72,7 @@ class Receiver(asyncio.Protocol):
         self.path, self.host, self.ours, self.everyone = path, host, ours, everyone
         self.latencies = latencies  # shared list of (ms) for this process
         self.buffer, self.opened = b"", asyncio.get_running_loop().create_future()
-        self.inflate, self.settled, self.count = None, False, 0
+        self.inflate, self.settled, self.closed, self.count = None, False, False, 0
 
     def connection_made(self, transport):
         self.transport = transport
@@ -106,7 +106,9 @@ class Receiver(asyncio.Protocol):
             payload = self.buffer[start : start + length]
             self.buffer = self.buffer[start + length :]
             opcode = first & 0x0F
-            if opcode == 0x9:  # ping: answer with a masked pong
+            if opcode == 0x8:
+                self.closed = True
+            elif opcode == 0x9:  # ping: answer with a masked pong
                 self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
             elif opcode == 0x1:
                 if first & 0x40:  # compressed (RSV1)
@@ -141,6 +143,8 @@ async def receive(urls, n, ours, everyone, total, seconds):
         await asyncio.gather(*batch)
         assert all(await asyncio.gather(*(r.opened for r in receivers[start:])))
     while ours and not all(r.settled for r in receivers):  # presence says all are in
+        if any(r.closed for r in receivers) or time.monotonic() - t0 > 300:
+            raise SystemExit("the server closed connections, or presence never settled")
         await asyncio.sleep(0.05)
     print(json.dumps({"connect": time.monotonic() - t0}), flush=True)
     deadline = time.monotonic() + seconds + 60

@@ -102,7 +102,7 @@ def table(headers, rows):
     lines = [" | ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
     lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def machine():
