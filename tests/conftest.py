@@ -191,17 +191,22 @@ class RedisServer:
         self.proc.wait(10)
 
 
+def missing(message, required_by):
+    """Skip a test whose tool is not installed; fail instead in CI or when required."""
+    if os.environ.get("CI") or os.environ.get(required_by) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def redis_server():
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if binary is None:
-        message = (
+        missing(
             "no redis-server found: install it (Debian/Ubuntu: apt-get install redis-server, "
-            "macOS: brew install redis) or set REDIS_SERVER to its path"
+            "macOS: brew install redis) or set REDIS_SERVER to its path",
+            "REQUIRE_REDIS",
         )
-        if os.environ.get("CI") or os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
     server = RedisServer(binary)
     yield server
     if server.proc.poll() is None:
