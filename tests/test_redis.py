@@ -1,5 +1,6 @@
 """3_websocket_broadcast.py --redis: several processes, one conversation, through a real Redis."""
 
+import asyncio
 import os
 import signal
 
@@ -71,6 +72,9 @@ async def test_redis_outage_answers_errors_and_resumes_by_itself(start, redis_se
     assert "broadcast unavailable" in sender.of("error")[0]["reason"]
     assert not reader.of("message")  # nothing was relayed, and the sender was told
     assert one.proc.poll() is None and two.proc.poll() is None  # nobody crashed
+    async with client(one.url) as newcomer:  # no unique number to give: try again later
+        await asyncio.wait_for(newcomer.wait_closed(), 10)
+    assert newcomer.close_code == 1013
 
     redis_server.start()  # same port
     await one.until("relaying Redis channel", count=2, timeout=40)
