@@ -46,16 +46,15 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
 
 
-async def connect_all(urls, n):
-    """Open n connections spread over urls, 100 at a time; offer permessage-deflate,
-    as browsers do."""
+async def connect_all(url, n):
+    """Open n connections, 100 at a time; offer permessage-deflate, as browsers do."""
     from websockets.asyncio.client import connect
 
     clients = []
     for start in range(0, n, 100):
         batch = [
-            connect(urls[i % len(urls)], proxy=None, open_timeout=120, ping_interval=None)
-            for i in range(start, min(start + 100, n))
+            connect(url, proxy=None, open_timeout=120, ping_interval=None)
+            for _ in range(min(100, n - start))
         ]
         clients += await asyncio.gather(*batch)
     return clients
@@ -223,7 +222,7 @@ async def read_and_drop(ws):
 
 async def idle(url, n):
     """Hold n idle connections open until stdin closes."""
-    clients = await connect_all([url], n)
+    clients = await connect_all(url, n)
     await asyncio.sleep(1)  # let the server finish its welcome and presence frames
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -1,11 +1,14 @@
 """Run the numbered scripts exactly as a user does: a subprocess on a free port."""
 
 import asyncio
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["1_websocket_server.py", "2_websocket_echo.py", "3_websocket_broadcast.py"]
@@ -128,6 +132,59 @@ def start():
         if script.proc.poll() is None:
             script.proc.kill()
             script.proc.wait()
+
+
+def health(script):
+    """GET /health from script 1, as a load balancer would."""
+    conn = http.client.HTTPConnection("127.0.0.1", script.port, timeout=10)
+    conn.request("GET", "/health")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/json"
+    return json.loads(response.read())
+
+
+def reset(ws):
+    """Drop a client's TCP connection with a reset: no closing handshake at all."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+class Listener:
+    """A client that reads everything, all the time, and keeps what it got."""
+
+    loop = changed = None  # one asyncio.Condition for all listeners of a test's loop
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.events = []  # (arrival time, event)
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url, **kwargs):
+        if cls.loop is not asyncio.get_running_loop():
+            cls.loop, cls.changed = asyncio.get_running_loop(), asyncio.Condition()
+        return cls(await client(url, **kwargs))
+
+    async def _read(self):
+        try:
+            async for message in self.ws:
+                self.events.append((time.monotonic(), json.loads(message)))
+                async with self.changed:
+                    self.changed.notify_all()
+        except ConnectionClosed:
+            pass
+        async with self.changed:
+            self.changed.notify_all()
+
+    def of(self, kind):
+        return [event for _, event in self.events if event["type"] == kind]
+
+    @classmethod
+    async def until(cls, predicate, timeout=30):
+        async with asyncio.timeout(timeout), cls.changed:
+            await cls.changed.wait_for(predicate)
 
 
 def client(url, **kwargs):

@@ -1,22 +1,12 @@
 """1_websocket_server.py: welcome, numbering, message logging, /health."""
 
 import asyncio
-import http.client
 import json
 
 import pytest
-from conftest import client
+from conftest import client, health
 
 SCRIPT = "1_websocket_server.py"
-
-
-def health(script):
-    conn = http.client.HTTPConnection("127.0.0.1", script.port, timeout=10)
-    conn.request("GET", "/health")
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.getheader("Content-Type") == "application/json"
-    return json.loads(response.read())
 
 
 async def test_welcome_numbers_clients_in_order_with_the_count(start):

@@ -161,6 +161,12 @@ def open_three(start, open_page, viewport=None):
     return script, pages
 
 
+def conversation(page):
+    """The messages a page shows, without their times and "(you)" marks."""
+    lines = page.locator("#log .message").all_text_contents()
+    return [line.split("  ", 1)[1].replace(" (you)", "") for line in lines]
+
+
 def send(page, text):
     page.fill("#message", text)
     page.press("#message", "Enter")
@@ -182,10 +188,9 @@ def test_broadcast_messages_reach_all_pages_in_one_order(start, open_page):
         send(page, f"message {i} from page {i % 3 + 1}")
     for page in pages:
         expect(page.locator("#log .message")).to_have_count(6)
-    orders = [page.locator("#log .message").all_text_contents() for page in pages]
-    strip = [[line.split("  ", 1)[1].replace(" (you)", "") for line in o] for o in orders]
-    assert strip[0] == strip[1] == strip[2]
-    assert strip[0][0] == "#1: message 0 from page 1"
+    seen = [conversation(page) for page in pages]
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][0] == "#1: message 0 from page 1"
     for n, page in enumerate(pages, 1):
         own = page.locator("#log .message.own")
         expect(own).to_have_count(2)
@@ -226,9 +231,7 @@ def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page
     send(pages[1], "from the second process")
     for page in pages:
         expect(page.locator("#log .message")).to_have_count(2)
-    texts = [page.locator("#log .message").all_text_contents() for page in pages]
-    strip = [[line.split("  ", 1)[1].replace(" (you)", "") for line in t] for t in texts]
-    assert strip[0] == strip[1]
+    assert conversation(pages[0]) == conversation(pages[1])
     assert all(page.problems == [] for page in pages)
 
 

@@ -4,11 +4,9 @@ import asyncio
 import http.client
 import re
 import signal
-import socket
-import struct
 
 import pytest
-from conftest import SCRIPTS, Script, assert_clean, client
+from conftest import SCRIPTS, Script, assert_clean, client, reset
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 from websockets.frames import CloseCode
 
@@ -155,10 +153,7 @@ async def test_a_client_that_vanishes_is_removed_quietly(start, name):
     script = start(name)
     ws = await client(script.url)
     await script.until("connected from")
-    # Reset the TCP connection: no closing handshake at all.
-    sock = ws.transport.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    ws.transport.abort()
+    reset(ws)
     await script.until(r"client #1 disconnected \(code 1006, 0 connected\)")
     async with client(script.url) as ws:
         await script.until(r"client #2 connected")

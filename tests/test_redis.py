@@ -5,8 +5,7 @@ import os
 import signal
 
 import pytest
-from conftest import assert_clean, client, free_port
-from test_reliability import Listener
+from conftest import Listener, assert_clean, client, free_port
 
 SCRIPT = "3_websocket_broadcast.py"
 

@@ -9,54 +9,17 @@ import json
 import random
 import signal
 import socket
-import struct
 import time
 
 import psutil
 import pytest
-from conftest import SCRIPTS, assert_clean, client
+from conftest import SCRIPTS, Listener, assert_clean, client, health, reset
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from wire import frame, handshake, raw_connect, read_close_code, read_response, request
 
 BROADCAST = "3_websocket_broadcast.py"
 MiB = 1024 * 1024
-
-
-class Listener:
-    """A client that reads everything, all the time, and keeps what it got."""
-
-    changed = None  # one asyncio.Condition for all listeners of a test
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.events = []  # (arrival time, event)
-        self.task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def connect(cls, url, **kwargs):
-        if cls.changed is None or cls.changed._loop is not asyncio.get_running_loop():
-            cls.changed = asyncio.Condition()
-        return cls(await client(url, **kwargs))
-
-    async def _read(self):
-        try:
-            async for message in self.ws:
-                self.events.append((time.monotonic(), json.loads(message)))
-                async with self.changed:
-                    self.changed.notify_all()
-        except ConnectionClosed:
-            pass
-        async with self.changed:
-            self.changed.notify_all()
-
-    def of(self, kind):
-        return [event for _, event in self.events if event["type"] == kind]
-
-    @classmethod
-    async def until(cls, predicate, timeout=30):
-        async with asyncio.timeout(timeout), cls.changed:
-            await cls.changed.wait_for(predicate)
 
 
 def rss(script):
@@ -163,9 +126,7 @@ async def test_churn_leaves_nothing_behind(start, name):
     async def cycle(i):
         ws = await client(script.url)
         if i % 4 == 0:  # a quarter vanish: TCP reset, no close frame
-            sock = ws.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            ws.transport.abort()
+            reset(ws)
             await ws.wait_closed()
         else:
             await ws.close()
@@ -182,8 +143,6 @@ async def test_churn_leaves_nothing_behind(start, name):
     assert last.string.endswith(" 0 connected)"), last.string
     after = rss(script)
     if name.startswith("1_"):
-        from test_1_server import health
-
         assert (await asyncio.to_thread(health, script))["clients"] == 0
     if name == BROADCAST:
         async with client(script.url) as ws:
