@@ -2,151 +2,119 @@
 
 Run it:    python 1_websocket_server.py
 Connect:   python -m websockets ws://localhost:8765   (in a second terminal)
-Health:    curl http://localhost:8765/health
 """
 
 import argparse
 import asyncio
 import contextlib
-import errno
-import ipaddress
 import itertools
 import json
 import logging
 import re
 import signal
+import socket
 import sys
-from functools import partial
-from http import HTTPStatus
 
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosed
 
 CLIENTS = set()  # the connections that are open right now
 CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in order of arrival
-MAX_SIZE = 64 * 1024  # bigger messages close the connection with code 1009
-TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 
 
 async def handler(websocket):
     """Welcome a client, log what it sends, and forget it when it leaves."""
     client = next(CLIENT_NUMBERS)
-    address = "{}:{}".format(*websocket.remote_address)
     CLIENTS.add(websocket)
+    address = "{}:{}".format(*websocket.remote_address)
     logging.info("client #%d connected from %s (%d connected)", client, address, len(CLIENTS))
     try:
-        await websocket.send(
-            json.dumps({"type": "welcome", "client": client, "clients": len(CLIENTS)})
-        )
+        welcome = {"type": "welcome", "client": client, "clients": len(CLIENTS)}
+        await websocket.send(json.dumps(welcome))
         async for message in websocket:
             logging.info("client #%d sent %r", client, message[:80])
-    except ConnectionClosedError:
-        pass  # the client vanished without a closing handshake: normal on networks
+    except ConnectionClosed:
+        pass  # it left, maybe in the middle of a send(): normal on networks
     finally:
         # finally runs however the connection ends, so the count never drifts.
         CLIENTS.discard(websocket)
-        logging.info(
-            "client #%d disconnected (code %s, %d connected)",
-            client,
-            websocket.close_code,
-            len(CLIENTS),
-        )
+        why = websocket.protocol.close_exc  # who closed, with which code and why
+        logging.info("client #%d disconnected (%d connected): %s", client, len(CLIENTS), why)
 
 
-LOCAL_PAGE = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
-
-
-def process_request(connection, request, allowed_origins, max_clients):
-    """Answer /health, refuse foreign web pages, and cap the number of clients."""
-    if request.path == "/health":
-        body = json.dumps({"status": "ok", "clients": len(CLIENTS)})
-        response = connection.respond(HTTPStatus.OK, body + "\n")
+def health(connection, request):
+    """Answer GET /health over plain HTTP, before any WebSocket handshake."""
+    if request.path == "/health":  # e.g. for a load balancer: curl localhost:8765/health
+        response = connection.respond(200, json.dumps({"status": "ok", "clients": len(CLIENTS)}))
         del response.headers["Content-Type"]  # respond() made it text/plain
         response.headers["Content-Type"] = "application/json"
         return response
-    # Browsers always send Origin; any web page could otherwise use a visitor's
-    # browser to talk to this server (Cross-Site WebSocket Hijacking).
-    # No Origin: not a browser. "null": a page opened from disk.
-    origin = ", ".join(request.headers.get_all("Origin")) or None
-    if origin not in (None, "null", *allowed_origins) and not LOCAL_PAGE.fullmatch(origin):
+
+
+# --- Start-up, flags and safety checks: the same in every numbered script. ---
+
+TIMEOUT = 5  # seconds for an opening or closing handshake to finish
+# 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
+SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+# Pages from this machine or disk ("null") only: others could hijack a visitor's browser.
+LOCAL_PAGES = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
+
+
+def check(connection, request, response):
+    """Refuse a client past --max-clients; name a refused origin and how to allow it."""
+    if response.status_code == 403:  # websockets refused the Origin
+        origin = request.headers.get("Origin")
         logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
-        return connection.respond(HTTPStatus.FORBIDDEN, "Origin not allowed.\n")
-    if len(CLIENTS) >= max_clients:
-        logging.warning("refused a connection: %d clients is the limit", max_clients)
-        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Server full.\n")
-    return None
+    elif len(connection.server.connections) >= ARGS.max_clients:
+        logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
+        return connection.respond(503, "Server full.\n")
 
 
-async def main(args):
-    check = partial(
-        process_request, allowed_origins=args.allow_origin, max_clients=args.max_clients
-    )
-    try:
+async def main():
+    try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
+        with socket.create_server((ARGS.host, ARGS.port)) as probe:
+            port = probe.getsockname()[1]
+        origins = [None, "null", LOCAL_PAGES, *ARGS.allow_origin]  # None: not a browser
         server = await serve(
             handler,
-            args.host,
-            args.port,
-            process_request=check,
-            max_size=MAX_SIZE,
-            compression=None,  # see README, "Performance": small messages gain little
-            open_timeout=TIMEOUT,
-            close_timeout=TIMEOUT,
+            ARGS.host,
+            port,
+            origins=origins,
+            process_request=health,
+            process_response=check,
+            **SETTINGS,
         )
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            sys.exit(
-                f"Port {args.port} is already in use (is the server already running?). "
-                "Stop the other program, or choose another port with --port."
-            )
-        sys.exit(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}.")
-    port = server.sockets[0].getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    except OSError as exc:  # "Address already in use": is the server running already?
+        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
+    host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
     print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
-
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM handler
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM, only Ctrl+C
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as Ctrl+C
     try:
-        await stop.wait()  # until SIGTERM, or Ctrl+C cancels this task
+        await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
     finally:
         server.close()  # every client gets close code 1001 (going away)
-        for websocket in CLIENTS:  # a client that stopped reading never answers:
-            loop.call_later(TIMEOUT, websocket.transport.abort)
+        for websocket in server.connections:  # close() waits on drain() with no limit:
+            loop.call_later(TIMEOUT, websocket.transport.abort)  # cut off clients not reading
         await server.wait_closed()
 
 
-def parse_args():
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
-    parser.add_argument(
-        "--port", type=int, default=8765, help="0 picks a free port (default: 8765)"
-    )
-    parser.add_argument(
-        "--allow-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="also accept web pages from ORIGIN, e.g. https://example.com",
-    )
-    parser.add_argument(
-        "--max-clients", type=int, default=1000, help="refuse more with HTTP 503 (default: 1000)"
-    )
-    args = parser.parse_args()
-    if not 0 <= args.port <= 65535 or args.max_clients < 1:
-        parser.error("--port must be 0 to 65535, and --max-clients at least 1")
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback:
-        print(f"Warning: listening on {args.host!r}: other machines can connect.", file=sys.stderr)
-    return args
-
-
-if __name__ == "__main__":
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port (default: 8765)")
+    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
+    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
+    ARGS = parser.parse_args()
+    if not 0 <= ARGS.port <= 65535:
+        parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
+    if ARGS.max_clients < 1:
+        parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
+    if ARGS.host not in ("localhost", "127.0.0.1", "::1"):
+        print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: main() closed every connection
-        asyncio.run(main(parse_args()))
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
+        asyncio.run(main())
     print("Server stopped. Goodbye!")

@@ -1,4 +1,4 @@
-"""A broadcast server: every message goes to every connected client.
+"""A broadcast server: every message goes to every client; one that comes back catches up.
 
 Run it:    python 3_websocket_broadcast.py
 Then open 3_client_broadcast.html in two or three browser windows (double-click it).
@@ -6,65 +6,56 @@ Then open 3_client_broadcast.html in two or three browser windows (double-click 
 
 import argparse
 import asyncio
+import collections
 import contextlib
-import errno
-import ipaddress
 import itertools
 import json
 import logging
-import os
 import re
 import signal
 import socket
 import sys
-from functools import partial
-from http import HTTPStatus
+import time
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import broadcast, serve
-from websockets.exceptions import ConnectionClosedError
-from websockets.frames import CloseCode
+from websockets.exceptions import ConnectionClosed
 
 CLIENTS = {}  # the connections that are open right now -> their client number
-CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in order of arrival
-MAX_SIZE = 64 * 1024  # bigger messages close the connection with code 1009
 MAX_TEXT = 1000  # characters in one chat message
 MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off
-PRESENCE_INTERVAL = 0.2  # seconds: at most 5 presence updates a second
-TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 JOINED, LEFT = [], []  # arrivals and departures not announced yet
-TASKS = set()  # asyncio keeps only weak references to tasks: hold them here
+TASKS = set()  # closing handshakes under way
 
 
 async def handler(websocket):
-    """Welcome a client, then relay each of its messages to everyone."""
-    client = await new_client_number()
-    if client is None:  # only with --redis, while Redis is unreachable
-        await websocket.close(CloseCode.TRY_AGAIN_LATER, "broadcast unavailable")
-        return
-    address = "{}:{}".format(*websocket.remote_address)
+    """Welcome a client with what it missed, then relay each of its messages to everyone."""
+    client = await CONVERSATION.client_number()
+    if client is None:  # only with --redis, if Redis went away since the handshake
+        return await websocket.close(1013, "broadcast unavailable, try again later")
+    since = parse_qs(urlsplit(websocket.request.path).query).get("since", [None])[0]
+    history, recovered = HISTORY.since(since)
+    # No await from reading HISTORY to joining CLIENTS, and send() writes at once:
+    # each message is in the welcome's history or delivered live, never both.
     CLIENTS[websocket] = client
-    logging.info("client #%d connected from %s (%d connected)", client, address, len(CLIENTS))
-    await share({"type": "joined", "client": client})
+    welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online()}
+    welcome |= {"history": history, "recovered": recovered}
+    logging.info("client #%d connected from %s:%d", client, *websocket.remote_address[:2])
     try:
-        await websocket.send(json.dumps({"type": "welcome", "client": client, "clients": online()}))
+        await websocket.send(json.dumps(welcome))
+        await CONVERSATION.publish({"type": "joined", "client": client})
         async for message in websocket:
-            if problem := problem_with(message):
+            event = {"type": "message", "client": client, "text": message}
+            # publish() too says what went wrong, if anything (with --redis: Redis is down).
+            if problem := problem_with(message) or await CONVERSATION.publish(event):
                 await websocket.send(json.dumps({"type": "error", "reason": problem}))
-            elif not await share({"type": "message", "client": client, "text": message}):
-                reason = "broadcast unavailable: Redis is unreachable, try again soon"
-                await websocket.send(json.dumps({"type": "error", "reason": reason}))
-    except ConnectionClosedError:
-        pass  # the client vanished without a closing handshake: normal on networks
+    except ConnectionClosed:
+        pass  # it left, maybe in the middle of a send(): normal on networks
     finally:
         # finally runs however the connection ends, so the count never drifts.
         CLIENTS.pop(websocket, None)  # None: already gone if it was cut off as too slow
-        logging.info(
-            "client #%d disconnected (code %s, %d connected)",
-            client,
-            websocket.close_code,
-            len(CLIENTS),
-        )
-        await share({"type": "left", "client": client})
+        logging.info("client #%d disconnected: %s", client, websocket.protocol.close_exc)
+        await CONVERSATION.publish({"type": "left", "client": client})
 
 
 def problem_with(message):
@@ -79,25 +70,18 @@ def problem_with(message):
 
 
 def deliver(event):
-    """Hand an event (from this process or, with --redis, from any) to the clients here."""
-    server = event.pop("server", SERVER_ID)
-    if event["type"] == "message":
-        logging.info(
-            "client #%d to %d clients: %r", event["client"], len(CLIENTS), event["text"][:80]
-        )
-        send_to_all(event)
-    elif event["type"] == "heartbeat":
-        if server != SERVER_ID:
-            server_seen(server, set(event["clients"]))
-    else:  # "joined" or "left"
-        joined = event["type"] == "joined"
-        if server != SERVER_ID:
-            clients = OTHER_SERVERS.get(server, (set(), 0))[0]
-            if (event["client"] in clients) == joined:
-                return  # its heartbeat told us already
-            (clients.add if joined else clients.discard)(event["client"])
-            OTHER_SERVERS[server] = (clients, asyncio.get_running_loop().time())
-        presence_changed(JOINED if joined else LEFT, [event["client"]])
+    """Hand an event to the clients here; with --redis, events come from every process."""
+    kind, client = event["type"], event["client"]
+    if kind == "message":
+        HISTORY.add(event)
+        logging.info("client #%d to %d clients: %.80r", client, len(CLIENTS), event["text"])
+        return send_to_all(event)
+    # "joined" or "left": announced in batches, 5 a second at most. The first change
+    # since the last announcement schedules the next one and later ones ride along:
+    # a storm of N arrivals costs O(N) frames, not O(N²).
+    if not (JOINED or LEFT):
+        asyncio.get_running_loop().call_later(0.2, announce_presence)
+    (JOINED if kind == "joined" else LEFT).append(client)
 
 
 def send_to_all(event):
@@ -107,253 +91,135 @@ def send_to_all(event):
     # Cut off a client that falls too far behind, before it eats all memory.
     for websocket in [ws for ws in CLIENTS if ws.transport.get_write_buffer_size() > MAX_BACKLOG]:
         client = CLIENTS.pop(websocket)
-        logging.warning(
-            "client #%d is over %d KiB behind: disconnecting it", client, MAX_BACKLOG // 1024
-        )
-        close = asyncio.create_task(websocket.close(CloseCode.POLICY_VIOLATION, "too slow"))
-        TASKS.add(close)
+        logging.warning("client #%d is over %d bytes behind: disconnecting it", client, MAX_BACKLOG)
+        close = asyncio.create_task(websocket.close(1008, "too slow"))
+        TASKS.add(close)  # asyncio holds tasks weakly: keep it until it is done
         close.add_done_callback(TASKS.discard)
         # It isn't reading, so it won't answer the close either: cut the TCP connection.
         asyncio.get_running_loop().call_later(TIMEOUT, websocket.transport.abort)
 
 
-def presence_changed(changes, clients):
-    """Note arrivals or departures; announce them in batches, 5 a second at most."""
-    first = not (JOINED or LEFT)
-    changes.extend(clients)
-    # The first change since the last announcement schedules the next one and
-    # later changes ride along: a storm of N arrivals costs O(N) frames, not O(N²).
-    if first and clients:
-        asyncio.get_running_loop().call_later(PRESENCE_INTERVAL, announce_presence)
-
-
 def announce_presence():
-    send_to_all({"type": "presence", "clients": online(), "joined": JOINED, "left": LEFT})
+    online = CONVERSATION.online()
+    send_to_all({"type": "presence", "clients": online, "joined": JOINED, "left": LEFT})
     JOINED.clear()
     LEFT.clear()
 
 
-# Scaling out, optional: with --redis URL, any number of these processes share one
-# conversation. Each publishes its events to one Redis channel and delivers only
-# what comes back, so Redis puts every message in one order for every client.
-# Without --redis, share() delivers at once and nothing here touches Redis.
+class History:
+    """The latest messages, oldest first, so that a client that comes back can catch up."""
 
-REDIS = None  # with --redis: a redis.asyncio client
-RedisError = ()  # with --redis: redis.exceptions.RedisError (an empty tuple catches nothing)
-CHANNEL, COUNTER = "broadcast:events", "broadcast:client-numbers"
-SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
-OTHER_SERVERS = {}  # with --redis: another process -> (its client numbers, when last heard)
-# One Redis command at a time: Redis gets this process's events in the order they
-# happened, and a storm of arrivals queues here instead of opening a connection each.
-ONE_AT_A_TIME = asyncio.Lock()
-SUBSCRIBED = asyncio.Event()  # set while the channel is relayed, i.e. Redis is there
-HEARTBEAT = 2  # seconds between "I'm alive, with these clients" messages
-SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as dead
+    def __init__(self, size):
+        self.messages = collections.deque(maxlen=size)
+        self.forgotten = None  # the newest id no longer held: all after it is here
 
+    def add(self, event):
+        if len(self.messages) == self.messages.maxlen:  # full (or size 0): the oldest goes
+            self.forgotten = (self.messages[0] if self.messages else event)["id"]
+        self.messages.append(event)
 
-def online():
-    """How many clients are connected, here and on every other live process."""
-    return len(CLIENTS) + sum(len(clients) for clients, _ in OTHER_SERVERS.values())
+    def since(self, message_id):
+        """(every message after message_id, True) if all are here, else (the latest, False)."""
+        ids = [self.forgotten, *(event["id"] for event in self.messages)]
+        if message_id is not None and message_id in ids:
+            return list(self.messages)[ids.index(message_id) :], True
+        return list(self.messages)[-20:], False  # unknown, too old, or from before a restart
 
 
-async def new_client_number():
-    """The next client number, unique across all processes; None if Redis is down."""
-    if REDIS is None:
-        return next(CLIENT_NUMBERS)
-    if not SUBSCRIBED.is_set():
-        return None
-    try:
-        async with ONE_AT_A_TIME:
-            return await REDIS.incr(COUNTER)
-    except RedisError:
-        return None
+class Conversation:
+    """One process, one conversation; with --redis, broadcast_redis.Conversation instead."""
 
+    available = True  # with --redis, False while Redis is unreachable
+    client_numbers = itertools.count(1)  # 1, 2, 3, ... in order of arrival
+    # Ids must not repeat after a restart: they start with the time the server did.
+    message_ids = map(f"{time.time_ns() // 1_000_000}-{{}}".format, itertools.count(1))
 
-async def share(event):
-    """Deliver an event to every process's clients. False if Redis is unreachable."""
-    if REDIS is None:
+    async def client_number(self):
+        return next(self.client_numbers)
+
+    async def publish(self, event):
+        """Deliver an event to every client; return None, or why it could not be."""
+        if event["type"] == "message":
+            event = {"type": "message", "id": next(self.message_ids), **event}
         deliver(event)
-        return True
-    if not SUBSCRIBED.is_set():  # Redis is down: don't queue up attempts
-        return False
-    try:
-        async with ONE_AT_A_TIME:
-            await REDIS.publish(CHANNEL, json.dumps({**event, "server": SERVER_ID}))
-        return True
-    except RedisError as exc:
-        logging.warning("cannot publish to Redis: %s", exc)
-        return False
+
+    def online(self):
+        return len(CLIENTS)
 
 
-def server_seen(server, clients):
-    """Update what we know of another process; announce whoever came or went there."""
-    before = OTHER_SERVERS.get(server, (set(), 0))[0]
-    OTHER_SERVERS[server] = (clients, asyncio.get_running_loop().time())
-    presence_changed(JOINED, sorted(clients - before))
-    presence_changed(LEFT, sorted(before - clients))
+# --- Start-up, flags and safety checks: as in every numbered script, plus --history, --redis. ---
+
+TIMEOUT = 5  # seconds for an opening or closing handshake to finish
+# 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
+SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+# Pages from this machine or disk ("null") only: others could hijack a visitor's browser.
+LOCAL_PAGES = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
 
 
-async def relay_from_redis():
-    """Deliver every event published to the channel; if Redis goes away, retry with backoff."""
-    delay = 1
-    while True:
-        try:
-            async with REDIS.pubsub() as pubsub:
-                await pubsub.subscribe(CHANNEL)
-                # After a Redis restart the counter starts again at 0: lift it
-                # above every client number still in use, so numbers stay unique.
-                known = [*CLIENTS.values(), *(n for c, _ in OTHER_SERVERS.values() for n in c)]
-                await REDIS.eval(LIFT_COUNTER, 1, COUNTER, max(known, default=0))
-                logging.info("relaying Redis channel %r", CHANNEL)
-                SUBSCRIBED.set()
-                delay = 1
-                async for item in pubsub.listen():
-                    if item["type"] == "message":
-                        deliver(json.loads(item["data"]))
-        except RedisError as exc:
-            SUBSCRIBED.clear()
-            logging.warning("lost Redis (%s); retrying in %d s", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 30)
-
-
-async def connect_redis(url):
-    """With --redis: connect to Redis, or say in one sentence why not."""
-    global REDIS, RedisError
-    try:
-        import redis.asyncio
-        from redis.exceptions import RedisError
-    except ImportError:
-        sys.exit("--redis needs the redis package: pip install redis")
-    try:
-        REDIS = redis.asyncio.from_url(url, socket_timeout=TIMEOUT)
-        await REDIS.ping()
-    except (RedisError, ValueError) as exc:
-        sys.exit(f"Cannot reach Redis at {url}: {exc}. Start Redis, or run without --redis.")
-
-
-LIFT_COUNTER = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], ARGV[1])
-end"""
-
-
-async def heartbeat():
-    """Tell the other processes who is connected here; forget those that went silent."""
-    while True:
-        await share({"type": "heartbeat", "clients": list(CLIENTS.values())})
-        now = asyncio.get_running_loop().time()
-        for server, (clients, heard) in list(OTHER_SERVERS.items()):
-            if now - heard > SILENT_LIMIT:  # killed, or cut off from Redis
-                del OTHER_SERVERS[server]
-                if clients:
-                    logging.warning("%s went silent; its %d clients left", server, len(clients))
-                presence_changed(LEFT, sorted(clients))
-        await asyncio.sleep(HEARTBEAT)
-
-
-LOCAL_PAGE = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
-
-
-def process_request(connection, request, allowed_origins, max_clients):
-    """Refuse foreign web pages, and cap the number of clients."""
-    # Browsers always send Origin; any web page could otherwise use a visitor's
-    # browser to talk to this server (Cross-Site WebSocket Hijacking).
-    # No Origin: not a browser. "null": a page opened from disk.
-    origin = ", ".join(request.headers.get_all("Origin")) or None
-    if origin not in (None, "null", *allowed_origins) and not LOCAL_PAGE.fullmatch(origin):
+def check(connection, request, response):
+    """Refuse a client past --max-clients; name a refused origin and how to allow it."""
+    if response.status_code == 403:  # websockets refused the Origin
+        origin = request.headers.get("Origin")
         logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
-        return connection.respond(HTTPStatus.FORBIDDEN, "Origin not allowed.\n")
-    if len(CLIENTS) >= max_clients:
-        logging.warning("refused a connection: %d clients is the limit", max_clients)
-        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Server full.\n")
-    return None
+    elif len(connection.server.connections) >= ARGS.max_clients:
+        logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
+        return connection.respond(503, "Server full.\n")
+    elif not CONVERSATION.available:  # with --redis, while Redis is unreachable
+        logging.warning("refused a client: the broadcast is unavailable until Redis is back")
+        return connection.respond(503, "Broadcast unavailable, try again soon.\n")
 
 
-async def main(args):
-    checks = partial(
-        process_request, allowed_origins=args.allow_origin, max_clients=args.max_clients
-    )
-    if args.redis:
-        await connect_redis(args.redis)
-        redis_tasks = [asyncio.create_task(relay_from_redis()), asyncio.create_task(heartbeat())]
-        await SUBSCRIBED.wait()
-    try:
+async def main():
+    global CONVERSATION
+    if ARGS.redis:  # imported only with --redis: the demo alone never needs redis
+        import broadcast_redis
+
+        CONVERSATION = await broadcast_redis.start(ARGS.redis, HISTORY, deliver, CLIENTS, TIMEOUT)
+    try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
+        with socket.create_server((ARGS.host, ARGS.port)) as probe:
+            port = probe.getsockname()[1]
+        origins = [None, "null", LOCAL_PAGES, *ARGS.allow_origin]  # None: not a browser
         server = await serve(
-            handler,
-            args.host,
-            args.port,
-            process_request=checks,
-            max_size=MAX_SIZE,
-            compression=None,  # see README, "Performance": small messages gain little
-            open_timeout=TIMEOUT,
-            close_timeout=TIMEOUT,
+            handler, ARGS.host, port, origins=origins, process_response=check, **SETTINGS
         )
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            sys.exit(
-                f"Port {args.port} is already in use (is the server already running?). "
-                "Stop the other program, or choose another port with --port."
-            )
-        sys.exit(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}.")
-    port = server.sockets[0].getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    except OSError as exc:  # "Address already in use": is the server running already?
+        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
+    host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
     print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
-
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM handler
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM, only Ctrl+C
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as Ctrl+C
     try:
-        await stop.wait()  # until SIGTERM, or Ctrl+C cancels this task
+        await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
     finally:
         server.close()  # every client gets close code 1001 (going away)
-        for websocket in CLIENTS:  # a client that stopped reading never answers:
-            loop.call_later(TIMEOUT, websocket.transport.abort)
+        for websocket in server.connections:  # close() waits on drain() with no limit:
+            loop.call_later(TIMEOUT, websocket.transport.abort)  # cut off clients not reading
         await server.wait_closed()
-        if REDIS is not None:
-            for task in redis_tasks:
-                task.cancel()
-            await REDIS.aclose()
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
-    parser.add_argument(
-        "--port", type=int, default=8765, help="0 picks a free port (default: 8765)"
-    )
-    parser.add_argument(
-        "--allow-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="also accept web pages from ORIGIN, e.g. https://example.com",
-    )
-    parser.add_argument(
-        "--max-clients", type=int, default=1000, help="refuse more with HTTP 503 (default: 1000)"
-    )
-    parser.add_argument(
-        "--redis",
-        metavar="URL",
-        help="share the conversation with other "
-        "processes through Redis, e.g. redis://localhost:6379/0",
-    )
-    args = parser.parse_args()
-    if not 0 <= args.port <= 65535 or args.max_clients < 1:
-        parser.error("--port must be 0 to 65535, and --max-clients at least 1")
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback:
-        print(f"Warning: listening on {args.host!r}: other machines can connect.", file=sys.stderr)
-    return args
+        if ARGS.redis:
+            await CONVERSATION.close()
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port (default: 8765)")
+    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
+    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
+    parser.add_argument("--history", type=int, default=100, help="messages kept (default: 100)")
+    parser.add_argument("--redis", metavar="URL", help="share the conversation through Redis")
+    ARGS = parser.parse_args()
+    if not 0 <= ARGS.port <= 65535:
+        parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
+    if ARGS.max_clients < 1:
+        parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
+    if ARGS.history < 0:
+        parser.error(f"--history must be 0 (off) or more, not {ARGS.history}")
+    if ARGS.host not in ("localhost", "127.0.0.1", "::1"):
+        print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: main() closed every connection
-        asyncio.run(main(parse_args()))
+    HISTORY, CONVERSATION = History(ARGS.history), Conversation()
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
+        asyncio.run(main())
     print("Server stopped. Goodbye!")

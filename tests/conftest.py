@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["1_websocket_server.py", "2_websocket_echo.py", "3_websocket_broadcast.py"]
-READY = re.compile(r"Listening on (ws://\S+) \(Ctrl\+C to stop\)")
+READY = re.compile(r"Listening on (wss?://\S+) \(Ctrl\+C to stop\)")
 
 
 class Script:
