@@ -42,7 +42,7 @@ async def start(url, history, deliver, clients, timeout):
         await conversation.prepare()
     except (RedisError, OSError, ValueError) as exc:
         why = str(exc).rstrip(".")
-        sys.exit(f"Cannot use Redis at {url}: {why}. Start Redis, or run without --redis.")
+        sys.exit(f"Cannot use Redis at {url}: {why}. Check Redis, or run without --redis.")
     logging.info("sharing the conversation through Redis at %s", url)
     return conversation
 
@@ -62,6 +62,7 @@ class Conversation:
         self.others = {}  # another process -> (its client numbers, when last heard)
         self.last = {MESSAGES: "0-0", PRESENCE: "$"}  # the last entry delivered from each
         self.outbox = asyncio.Queue()  # commands for the next pipeline
+        self.stopping = asyncio.Event()  # set by close()
         self.available = False  # True while Redis answers
         self.tasks = []
 
@@ -108,9 +109,13 @@ class Conversation:
         return len(self.clients) + sum(len(clients) for clients, _ in self.others.values())
 
     async def close(self):
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Stop each task between two Redis commands: redis-py can hang when cancelled
+        # in the middle of one, and so would the process on its way out.
+        relay, write, beat = self.tasks
+        beat.cancel()  # it waits on a timer, or on write()
+        self.outbox.put_nowait(None)  # write() stops after what it is sending
+        self.stopping.set()  # relay() stops after its XREAD, within 0.5 s
+        await asyncio.gather(relay, write, beat, return_exceptions=True)
         await self.redis.aclose()
 
     # Writing: one pipeline at a time carries every command waiting, in order.
@@ -124,8 +129,8 @@ class Conversation:
         return await done
 
     async def write(self):
-        while True:
-            batch = [await self.outbox.get()]
+        while (first := await self.outbox.get()) is not None:
+            batch = [first]
             while not self.outbox.empty():
                 batch.append(self.outbox.get_nowait())
             pipe = self.redis.pipeline(transaction=False)
@@ -148,13 +153,13 @@ class Conversation:
     async def relay(self):
         """Deliver each new entry; if Redis goes away, retry with backoff, then resume."""
         delay = 1
-        while True:
+        while not self.stopping.is_set():
             try:
                 if not self.available:
                     await self.lift_counter()
                     self.available, delay = True, 1
                     logging.info("Redis is back: relaying the conversation again")
-                for stream, entries in await self.redis.xread(self.last, block=1000):
+                for stream, entries in await self.redis.xread(self.last, block=500):
                     for entry_id, fields in entries:
                         self.last[stream] = entry_id  # resume after it, whatever happens
                         if event := self.parse(stream, entry_id, fields):
@@ -165,7 +170,8 @@ class Conversation:
                 self.available = False
                 with contextlib.suppress(RedisError, OSError):  # no stale connections after
                     await self.redis.connection_pool.disconnect()
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):  # a pause that close() can cut short
+                    await asyncio.wait_for(self.stopping.wait(), delay)
                 delay = min(2 * delay, 30)
 
     def parse(self, stream, entry_id, fields):

@@ -24,7 +24,7 @@ async def test_health_counts_connected_clients(start):
     async with client(script.url) as ws:
         await ws.recv()
         assert await asyncio.to_thread(health, script) == {"status": "ok", "clients": 1}
-    await script.until(r"disconnected \(code 1000, 0 connected\)")
+    await script.until(r"client #1 disconnected \(0 connected\)")
     assert await asyncio.to_thread(health, script) == {"status": "ok", "clients": 0}
 
 

@@ -1,8 +1,10 @@
 """The two HTML pages, opened from disk in a real Chromium, against the real scripts."""
 
+import json
 import os
 import re
 import shutil
+import time
 
 import pytest
 from conftest import ROOT, free_port, missing
@@ -22,6 +24,7 @@ CANDIDATES = [
 ]
 TIMEOUT = 10_000  # ms for anything the page must show
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
+WELCOME = {"type": "welcome", "client": 1, "clients": 1, "history": [], "recovered": False}
 
 
 def find_chromium():
@@ -45,10 +48,13 @@ def browser():
 
 @pytest.fixture
 def open_page(browser):
-    """open_page(html_file, server_url): a page opened from disk, as a double-click does."""
+    """open_page(html_file, server_url): a page opened from disk, as a double-click does.
+
+    before(page), if given, runs before the page loads: to pause its clock, say.
+    """
     contexts = []
 
-    def open_page(html, url, viewport=None):
+    def open_page(html, url, viewport=None, before=None):
         context = browser.new_context(viewport=viewport or {"width": 900, "height": 700})
         contexts.append(context)
         page = context.new_page()
@@ -56,6 +62,10 @@ def open_page(browser):
         page.problems = []  # console errors and uncaught exceptions
         page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
         page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.sockets = []  # the address of every WebSocket the page opened, oldest first
+        page.on("websocket", lambda ws: page.sockets.append(ws.url))
+        if before:
+            before(page)
         page.goto(f"{(ROOT / html).as_uri()}?url={url}")
         return page
 
@@ -66,6 +76,220 @@ def open_page(browser):
 
 def expect(locator):
     return playwright.expect(locator)
+
+
+playwright.expect.set_options(timeout=TIMEOUT)  # the machine may be busy: as for the page
+
+
+def paused(page):
+    """Fake timers, stopped: the page retries only when the test runs its clock."""
+    page.clock.install()
+    page.clock.pause_at(time.time() + 1)
+
+
+def mocked(page):
+    """Pause the page's clock and answer its connections in the test: page.routes."""
+    paused(page)
+    page.routes = []  # one WebSocketRoute per connection the page made, oldest first
+    page.route_web_socket(re.compile("^wss?://"), lambda route: page.routes.append(route))
+
+
+def retry_delays(page, count, close=None):
+    """Let the page retry `count` times on its paused clock; return the delays it announced.
+
+    close(page), if given, ends each connection once it is open (a mocked server).
+    """
+    # Nothing changes while the clock is paused, except through the network: no
+    # status can slip by between reading the current one and starting to watch.
+    page.evaluate(
+        """const box = document.querySelector("#status");
+        window.__statuses = [box.textContent];
+        new MutationObserver(() => window.__statuses.push(box.textContent))
+            .observe(box, {childList: true});"""
+    )
+    delays = []
+    for k in range(1, count + 1):
+        if close:
+            expect(page.locator("#status")).to_have_attribute("data-state", "open")
+            close(page)
+        retrying = "window.__statuses.filter(t => t.includes('Retrying'))"
+        page.wait_for_function(f"{retrying}.length >= {k}")
+        text = page.evaluate(f"{retrying}[{k - 1}]")
+        delays.append(float(re.search(r" Retrying in (\d+\.\d) s\.$", text).group(1)))
+        page.clock.run_for(round(delays[-1] * 1000) + 100)  # shown rounded to 0.1 s
+    return delays
+
+
+def assert_backoff(delays, grows):
+    """Backoff with jitter: retry k waits 50-100% of 2**k s (at most 30), or of 1 s if reset."""
+    for k, delay in enumerate(delays):
+        full = min(30, 2**k) if grows else 1
+        assert full / 2 - 0.05 <= delay <= full + 0.05, delays  # shown rounded to 0.1 s
+
+
+def log_lines(page, kind=""):
+    """The lines of a page's log (of one class, if given), without their times."""
+    return [untimed(line) for line in page.locator(f"#log div{kind}").all_text_contents()]
+
+
+def untimed(line):
+    """A log line without the time it starts with: 2:05:13 PM, 14:05:13..."""
+    return re.sub(r"^\d{1,2}:\d\d:\d\d(\s?[AP]M)?  ", "", line)
+
+
+PAGES = [
+    ("2_client_echo.html", "2_websocket_echo.py"),
+    ("3_client_broadcast.html", "3_websocket_broadcast.py"),
+]
+# What each page says when the server closes an open connection, with the close reason given.
+CLOSE_SENTENCES = [
+    (1000, "", "The server closed the connection (1000)."),
+    (1001, "", "The server stopped (1001)."),
+    (1006, "", "The connection was lost (1006)."),
+    (1008, "too slow", "The server closed the connection: too slow (1008)."),
+    (1009, "", "The message was too big: the server accepts at most 64 KiB (1009)."),
+    (1011, "", "The server had an internal error (1011)."),
+    (1013, "", "The server is busy and asks to try again later (1013)."),
+    (4000, "bye", 'The connection closed (4000), saying "bye".'),
+]
+
+
+# Both pages, the connection
+
+
+@pytest.mark.parametrize("html, script_name", PAGES)
+def test_page_without_server_says_how_to_start_it_and_retries_slower(open_page, html, script_name):
+    url = f"ws://127.0.0.1:{free_port()}"
+    page = open_page(html, url, before=paused)
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "closed")
+    expect(status).to_have_text(
+        re.compile(
+            rf"^Could not connect to the server at {re.escape(url)} \(1006\)\. "
+            rf"Start it in a terminal: python {re.escape(script_name)}\. "
+            r"Retrying in \d+\.\d s\.$"
+        )
+    )
+    expect(status.locator("code")).to_have_text(f"python {script_name}")
+    expect(page.locator("#send")).to_be_disabled()
+    expect(page.locator("#message")).to_be_disabled()
+    assert_backoff(retry_delays(page, 5), grows=True)
+    # The log says it once, not at every retry.
+    assert log_lines(page) == [f"Could not connect to the server at {url} (1006)."]
+
+
+@pytest.mark.parametrize("html", [html for html, _ in PAGES])
+def test_page_says_each_close_code_in_plain_words(open_page, html):
+    page = open_page(html, "ws://localhost:8765", before=mocked)
+    status = page.locator("#status")
+    for code, reason, sentence in CLOSE_SENTENCES:
+        expect(status).to_have_attribute("data-state", "open")
+        page.routes[-1].close(code=code, reason=reason)
+        expect(status).to_have_text(re.compile(rf"^{re.escape(sentence)} Retrying in \d+\.\d s\.$"))
+        assert log_lines(page)[-1] == sentence
+        page.clock.run_for(31_000)  # the longest backoff
+    assert len(page.routes) == len(CLOSE_SENTENCES) + 1
+
+
+@pytest.mark.parametrize(
+    "html, welcome, grows",
+    [
+        ("2_client_echo.html", False, False),  # open is enough for the echo page
+        ("3_client_broadcast.html", False, True),  # accepted, then closed before a welcome
+        ("3_client_broadcast.html", True, False),
+    ],
+    ids=["echo", "broadcast-no-welcome", "broadcast-welcome"],
+)
+def test_backoff_starts_again_only_once_the_server_works(open_page, html, welcome, grows):
+    """A server that accepts and closes at once must not make pages retry every second."""
+
+    def close(page):
+        if welcome:
+            n = len(page.routes)
+            page.routes[-1].send(json.dumps(WELCOME | {"client": n}))
+            expect(page.locator("#me")).to_have_text(f"#{n}")
+        page.routes[-1].close(code=1013)
+
+    page = open_page(html, "ws://localhost:8765", before=mocked)
+    assert_backoff(retry_delays(page, 5, close), grows)
+
+
+def test_echo_page_says_the_server_stopped_and_reconnects_by_itself(start, open_page):
+    script = start("2_websocket_echo.py")
+    page = open_page("2_client_echo.html", script.url)
+    status = page.locator("#status")
+    expect(status).to_have_text(f"Connected to {script.url}.")
+    assert script.stop() == 0  # SIGINT, as Ctrl+C
+    expect(status).to_have_attribute("data-state", "closed")
+    expect(status).to_have_text(re.compile(r"^The server stopped \(1001\)\. Retrying in "))
+    again = start("2_websocket_echo.py", port=str(script.port))
+    expect(status).to_have_attribute("data-state", "open", timeout=15_000)
+    again.wait_for("client #1 connected")
+    connected = f"Connected to {script.url}."
+    assert log_lines(page) == [connected, "The server stopped (1001).", connected]
+    page.fill("#message", "back again")
+    page.press("#message", "Enter")
+    expect(page.locator("#log .received")).to_contain_text("back again")
+
+
+def test_echo_page_says_the_connection_was_lost_when_the_server_dies(start, open_page):
+    script = start("2_websocket_echo.py")
+    page = open_page("2_client_echo.html", script.url)
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    script.proc.kill()  # no closing handshake at all, as in a crash
+    expect(page.locator("#status")).to_contain_text("The connection was lost (1006). Retrying")
+
+
+def test_echo_page_disconnect_stops_reconnecting(start, open_page):
+    script = start("2_websocket_echo.py")
+    page = open_page("2_client_echo.html", script.url, before=paused)
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "open")
+    page.click("#connect")
+    disconnected = "Disconnected. Press Connect to connect again."
+    expect(status).to_have_text(disconnected)
+    expect(page.locator("#connect")).to_have_text("Connect")
+    expect(page.locator("#send")).to_be_disabled()
+    script.wait_for(r"client #1 disconnected: received 1000 \(OK\) user disconnected")
+    # A retry would run inside run_for() and change the status before it returns.
+    page.clock.run_for(120_000)
+    assert status.text_content() == disconnected
+    page.click("#connect")  # and Connect connects again
+    expect(status).to_have_attribute("data-state", "open")
+    script.wait_for("client #2 connected")
+    # Disconnect also cancels a retry that is waiting.
+    script.stop()
+    expect(status).to_contain_text("Retrying in")
+    page.click("#connect")
+    expect(status).to_have_text(disconnected)
+    page.clock.run_for(120_000)
+    assert status.text_content() == disconnected
+    assert page.problems == []
+
+
+@pytest.mark.parametrize("html, script_name", PAGES)
+def test_enter_in_the_address_field_connects_to_the_typed_address(
+    start, open_page, html, script_name
+):
+    one, two = start(script_name), start(script_name)
+    page = open_page(html, one.url)
+    status = page.locator("#status")
+    expect(status).to_have_text(f"Connected to {one.url}.")
+    page.fill("#url", two.url)
+    page.press("#url", "Enter")  # connected: it moves to the new address, not off
+    expect(status).to_have_text(f"Connected to {two.url}.")
+    two.wait_for("client #1 connected")
+    one.wait_for("client #1 disconnected")
+    expect(page.locator("#connect")).to_have_text("Disconnect")
+    page.click("#connect")  # the button still toggles
+    expect(page.locator("#connect")).to_have_text("Connect")
+    expect(status).to_have_attribute("data-state", "closed")
+    page.fill("#url", one.url)
+    page.press("#url", "Enter")  # disconnected: it connects
+    expect(status).to_have_text(f"Connected to {one.url}.")
+    one.wait_for("client #2 connected")
+    expect(page.locator("#connect")).to_have_text("Disconnect")
+    assert page.problems == []
 
 
 # The echo page
@@ -90,67 +314,39 @@ def test_echo_page_connects_and_echoes_with_round_trip_time(start, open_page):
     assert page.problems == []
 
 
-def test_echo_page_without_server_says_how_to_start_it_and_retries_slower(open_page):
-    page = open_page("2_client_echo.html", f"ws://127.0.0.1:{free_port()}")
-    status = page.locator("#status")
-    expect(status).to_have_attribute("data-state", "closed")
-    expect(status).to_contain_text("python 2_websocket_echo.py")
-    expect(page.locator("#send")).to_be_disabled()
-    expect(page.locator("#message")).to_be_disabled()
-    page.evaluate(
-        """window.__statuses = [];
-        new MutationObserver(() => window.__statuses.push(document.querySelector("#status")
-            .textContent)).observe(document.querySelector("#status"), {childList: true});"""
-    )
-    page.wait_for_function(
-        "window.__statuses.filter(t => t.includes('Retrying')).length >= 3", timeout=15_000
-    )
-    texts = page.evaluate("window.__statuses.filter(t => t.includes('Retrying'))")
-    delays = [float(re.search(r"Retrying in ([\d.]+) s", t).group(1)) for t in texts]
-    # With jitter the delays are 0.5-1 s, then 1-2 s, then 2-4 s: the third always longer.
-    assert delays[2] > delays[0], delays
-    assert all("python 2_websocket_echo.py" in t for t in texts)
-
-
-def test_echo_page_shows_1001_on_stop_and_reconnects_by_itself(start, open_page):
+def test_echo_page_does_not_send_an_empty_message(start, open_page):
     script = start("2_websocket_echo.py")
     page = open_page("2_client_echo.html", script.url)
-    status = page.locator("#status")
-    expect(status).to_have_attribute("data-state", "open")
-    assert script.stop() == 0  # SIGINT, as Ctrl+C
-    expect(status).to_have_attribute("data-state", "closed")
-    expect(page.locator("#log")).to_contain_text("Disconnected (code 1001)")
-    again = start("2_websocket_echo.py", port=str(script.port))
-    expect(status).to_have_attribute("data-state", "open", timeout=15_000)
-    again.wait_for("client #1 connected")
-    page.fill("#message", "back again")
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
     page.press("#message", "Enter")
-    expect(page.locator("#log .received")).to_contain_text("back again")
+    page.click("#send")
+    send(page, "something")  # after the empty ones: the server logs it last
+    expect(page.locator("#log .received")).to_have_count(1)
+    script.wait_for("client #1: text, 9 long")
+    assert "0 long" not in script.text()
+    assert log_lines(page, ".sent") == ["→ something"]
 
 
-def test_echo_page_disconnect_stops_reconnecting(start, open_page):
-    script = start("2_websocket_echo.py")
+def test_echo_page_says_a_message_over_64_kib_was_too_big(start, open_page):
+    script = start("2_websocket_echo.py", "--quiet")
     page = open_page("2_client_echo.html", script.url)
     expect(page.locator("#status")).to_have_attribute("data-state", "open")
-    page.click("#connect")
-    expect(page.locator("#status")).to_have_attribute("data-state", "closed")
-    expect(page.locator("#status")).to_contain_text("Press Connect")
-    expect(page.locator("#connect")).to_have_text("Connect")
-    expect(page.locator("#send")).to_be_disabled()
-    script.wait_for(r"client #1 disconnected \(code 1000")
-    page.wait_for_timeout(2500)  # longer than the first retry delay could be
-    assert "client #2" not in script.text()
-    page.click("#connect")  # and Connect connects again
-    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    send(page, "x" * 70_000)
+    too_big = "The message was too big: the server accepts at most 64 KiB (1009)."
+    expect(page.locator("#log .info").nth(1)).to_have_text(re.compile(f"{re.escape(too_big)}$"))
+    script.wait_for(
+        r"client #1 disconnected: sent 1009 \(message too big\) "
+        r"frame with 70000 bytes exceeds limit of 65536 bytes"
+    )
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")  # by itself
     script.wait_for("client #2 connected")
-    assert page.problems == []
 
 
 # The broadcast page, three windows at once
 
 
-def open_three(start, open_page, viewport=None):
-    script = start("3_websocket_broadcast.py")
+def open_three(start, open_page, viewport=None, port="0"):
+    script = start("3_websocket_broadcast.py", port=port)
     pages = []
     for n in (1, 2, 3):
         page = open_page("3_client_broadcast.html", script.url, viewport)
@@ -163,8 +359,7 @@ def open_three(start, open_page, viewport=None):
 
 def conversation(page):
     """The messages a page shows, without their times and "(you)" marks."""
-    lines = page.locator("#log .message").all_text_contents()
-    return [line.split("  ", 1)[1].replace(" (you)", "") for line in lines]
+    return [line.replace(" (you)", "") for line in log_lines(page, ".message")]
 
 
 def send(page, text):
@@ -174,11 +369,11 @@ def send(page, text):
 
 def test_broadcast_pages_show_number_and_count_on_join_and_leave(start, open_page):
     _, pages = open_three(start, open_page)
-    expect(pages[0].locator("#log")).to_contain_text("client #3 joined")
+    expect(pages[0].locator("#log")).to_contain_text("Client #3 joined.")
     pages[2].context.close()
     for page in pages[:2]:
         expect(page.locator("#clients")).to_have_text("2")
-        expect(page.locator("#log")).to_contain_text("client #3 left")
+        expect(page.locator("#log")).to_contain_text("Client #3 left.")
     assert all(page.problems == [] for page in pages[:2])
 
 
@@ -209,13 +404,119 @@ def test_broadcast_hostile_html_is_shown_as_text(start, open_page):
 
 def test_broadcast_too_long_message_shows_the_error_in_the_sender_only(start, open_page):
     _, pages = open_three(start, open_page)
+    message = pages[0].locator("#message")
+    expect(message).to_have_attribute("maxlength", "1000")
+    message.fill("x" * 1001)
+    assert len(message.input_value()) == 1000  # the field stops at the server's limit
+    # The server checks anyway: a page changed in the developer tools can send more.
+    message.evaluate("field => field.removeAttribute('maxlength')")
     send(pages[0], "x" * 1001)
-    expect(pages[0].locator("#log .error")).to_contain_text("message too long: 1001 characters")
+    expect(pages[0].locator("#log .error")).to_have_text(
+        re.compile(r"Not sent: message too long: 1001 characters, the limit is 1000\.$")
+    )
     send(pages[0], "short")  # still connected
     for page in pages:
         expect(page.locator("#log .message")).to_contain_text("short")
     for page in pages[1:]:
         assert page.locator("#log .error").count() == 0
+
+
+def after_separator(page, separator):
+    """The messages a page shows under its last separator line."""
+    texts = page.locator("#log div").evaluate_all(
+        "lines => lines.map(line => [line.className, line.textContent])"
+    )
+    start = max(i for i, (kind, text) in enumerate(texts) if kind == "separator")
+    assert texts[start][1] == separator
+    return [untimed(text) for kind, text in texts[start:] if "message" in kind]
+
+
+def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page):
+    script = start("3_websocket_broadcast.py")
+    talker = open_page("3_client_broadcast.html", script.url)
+    expect(talker.locator("#me")).to_have_text("#1")
+    room = f"{script.url}/chat?room=blue"  # ?since= must join a path and a query string
+    away = open_page("3_client_broadcast.html", room)
+    expect(away.locator("#me")).to_have_text("#2")
+    send(talker, "Anyone here?")
+    expect(away.locator("#log .message")).to_have_count(1)
+    away.click("#connect")  # Disconnect
+    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
+    missed = [f"#1: missed {n}" for n in range(1, 4)]
+    for text in missed:
+        send(talker, text.removeprefix("#1: "))
+    expect(talker.locator("#log .message")).to_have_count(4)
+    away.click("#connect")  # Connect: with ?since= the id of "Anyone here?"
+    expect(away.locator("#me")).to_have_text("#3")
+    assert re.fullmatch(rf"{re.escape(room)}&since=\d+-1", away.sockets[-1]), away.sockets
+    expect(away.locator("#log .message")).to_have_count(4)
+    assert after_separator(away, "— while you were away —") == missed
+    assert conversation(away) == ["#1: Anyone here?", *missed]
+
+    # A reload forgets the page, not the id of the last message: sessionStorage keeps it.
+    away.click("#connect")
+    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
+    send(talker, "missed 4")
+    send(talker, "missed 5")
+    expect(talker.locator("#log .message")).to_have_count(6)
+    away.reload()
+    expect(away.locator("#me")).to_have_text("#4")
+    assert re.fullmatch(rf"{re.escape(room)}&since=\d+-4", away.sockets[-1]), away.sockets
+    expect(away.locator("#log .message")).to_have_count(2)
+    assert after_separator(away, "— while you were away —") == ["#1: missed 4", "#1: missed 5"]
+    send(away, "Back, and I saw it all")
+    expect(talker.locator("#log .message")).to_have_count(7)
+    expect(away.locator("#log .message.own")).to_have_text(
+        re.compile(r"#4 \(you\): Back, and I saw it all$")
+    )
+    assert away.locator("#log .warning").count() == 0
+
+    # A new window (its own sessionStorage) asks for nothing and gets the recent messages.
+    late = open_page("3_client_broadcast.html", script.url)
+    expect(late.locator("#me")).to_have_text("#5")
+    assert late.sockets == [f"{script.url}/"]
+    expect(late.locator("#log .message")).to_have_count(7)
+    assert after_separator(late, "— earlier messages —") == conversation(talker)
+    assert late.locator("#log .warning").count() == 0
+    assert away.problems == talker.problems == late.problems == []
+
+
+def test_broadcast_page_after_a_restart_has_a_new_number_and_says_what_may_be_missing(
+    start, open_page
+):
+    script = start("3_websocket_broadcast.py")
+    page = open_page("3_client_broadcast.html", script.url, before=paused)
+    expect(page.locator("#me")).to_have_text("#1")
+    send(page, "Before the restart")
+    expect(page.locator("#log .message.own")).to_have_count(1)
+    assert script.stop() == 0
+    status = page.locator("#status")
+    expect(status).to_have_text(re.compile(r"^The server stopped \(1001\)\. Retrying in "))
+    again = start("3_websocket_broadcast.py", port=str(script.port))
+    # The page's clock is paused: another page takes number 1 before it comes back.
+    other = open_page("3_client_broadcast.html", again.url)
+    expect(other.locator("#me")).to_have_text("#1")
+    retry_delays(page, 1)  # now it comes back, asking for what it missed
+    expect(page.locator("#me")).to_have_text("#2")
+    assert re.fullmatch(rf"{re.escape(script.url)}/\?since=\d+-1", page.sockets[-1]), page.sockets
+    expect(page.locator("#log .warning")).to_have_count(1)
+    assert log_lines(page, ".warning") == [
+        "Some messages may be missing: the server no longer has everything said since you left."
+    ]
+    send(other, "Hello, I am the new #1")
+    send(page, "And I am #2 now")
+    expect(page.locator("#log .message")).to_have_count(3)
+    assert log_lines(page, ".message") == [
+        "#1 (you): Before the restart",  # it was us, then
+        "#1: Hello, I am the new #1",  # not us: no stale mark
+        "#2 (you): And I am #2 now",
+    ]
+    assert log_lines(page, ".message.own") == [
+        "#1 (you): Before the restart",
+        "#2 (you): And I am #2 now",
+    ]
+    connected = [line for line in log_lines(page) if line.startswith("Connected")]
+    assert connected == [f"Connected to {script.url} as client #{n}." for n in (1, 2)]
 
 
 def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page, redis_server):
@@ -235,53 +536,96 @@ def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page
     assert all(page.problems == [] for page in pages)
 
 
-# Both pages
+# Both pages: how they look
 
 
-@pytest.mark.parametrize(
-    "html, script_name",
-    [
-        ("2_client_echo.html", "2_websocket_echo.py"),
-        ("3_client_broadcast.html", "3_websocket_broadcast.py"),
-    ],
-)
+def assert_fits(page, width):
+    """Nothing wider than the window, no text spilling out of the status bar or a button."""
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than the window"
+    for control in ("#url", "#connect", "#message", "#send", "#status", "#log"):
+        box = page.locator(control).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, (control, box)
+    spilling = page.evaluate(
+        """[...document.querySelectorAll("#status, #status *, button, label")]
+            .filter(e => e.scrollWidth > e.clientWidth).map(e => e.id || e.textContent)"""
+    )
+    assert spilling == []
+    # A button's label on one line: no taller than one line of text and its padding.
+    tall = page.evaluate(
+        """[...document.querySelectorAll("button")].filter(b => b.clientHeight >
+            1.5 * parseFloat(getComputedStyle(b).lineHeight) + 20).map(b => b.textContent)"""
+    )
+    assert tall == []
+
+
+@pytest.mark.parametrize("html, script_name", PAGES)
 def test_usable_at_phone_width(start, open_page, html, script_name):
     script = start(script_name)
     page = open_page(html, script.url, viewport={"width": 360, "height": 640})
     expect(page.locator("#status")).to_have_attribute("data-state", "open")
-    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"page is {overflow}px wider than the phone"
-    for control in ("#url", "#connect", "#message", "#send", "#status", "#log"):
-        box = page.locator(control).bounding_box()
-        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 360, (control, box)
+    assert_fits(page, 360)
     send(page, "small screen")
     expect(page.locator("#log")).to_contain_text("small screen")
-    assert page.problems == []
+    assert_fits(page, 360)
+    script.stop()  # the longest status: how to start the server, and when the page retries
+    expect(page.locator("#status")).to_contain_text("Start it in a terminal", timeout=15_000)
+    expect(page.locator("#connect")).to_have_text("Disconnect")
+    assert_fits(page, 360)
+    page.click("#connect")
+    expect(page.locator("#connect")).to_have_text("Connect")
+    assert_fits(page, 360)
+    # Chromium itself logs each refused connection; nothing else may go wrong.
+    assert [p for p in page.problems if "ERR_CONNECTION_REFUSED" not in p] == []
 
 
 def test_screenshots(start, open_page, tmp_path):
-    """Pictures for the README; UPDATE_SCREENSHOTS=1 writes them to docs/."""
-    target = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
-    target.mkdir(exist_ok=True)
-    script = start("2_websocket_echo.py")
-    page = open_page("2_client_echo.html", script.url, {"width": 720, "height": 560})
-    expect(page.locator("#status")).to_have_attribute("data-state", "open")
-    for text in ["Hello, WebSocket!", "Every message comes straight back", "to its sender."]:
-        send(page, text)
-    expect(page.locator("#log .received")).to_have_count(3)
-    page.screenshot(path=target / "echo.png")
+    """The pictures in the README, as a learner sees them; UPDATE_SCREENSHOTS=1 writes docs/."""
+    update = os.environ.get("UPDATE_SCREENSHOTS") == "1"
+    target = ROOT / "docs" if update else tmp_path
+    port = "8765" if update else "0"  # 8765: the address the pages show by default
+    window = {"width": 960, "height": 700}
 
-    script, pages = open_three(start, open_page, {"width": 720, "height": 560})
+    script = start("2_websocket_echo.py", port=port)
+    page = open_page("2_client_echo.html", script.url, window)
+    expect(page.locator("#status")).to_have_text(f"Connected to {script.url}.")
+    texts = ["Hello, WebSocket!", "Every message comes straight back", "to its sender."]
+    for text in texts:
+        send(page, text)
+    received = page.locator("#log .received")
+    expect(received).to_have_count(3)
+    for line, text in zip(received.all(), texts, strict=True):
+        expect(line).to_have_text(re.compile(rf"  ← {re.escape(text)} \(round trip \d+\.\d ms\)$"))
+    expect(received.last).to_be_in_viewport()
+    page.screenshot(path=target / "echo.png")
+    page.context.close()  # or it would reconnect to the broadcast server on the same port
+    assert script.stop() == 0
+
+    script, pages = open_three(start, open_page, window, port)
     lines = [
         (0, "Hi all, I'm in window 1"),
         (1, "Hello from window 2!"),
         (2, "Window 3 here: I see both of you"),
-        (1, HOSTILE),
+        (1, "Great: one message, every window."),
     ]
     for n, text in lines:
         send(pages[n], text)
         expect(pages[0].locator("#log .message").last).to_contain_text(text)
-    expect(pages[1].locator("#log .message")).to_have_count(4)
-    pages[1].screenshot(path=target / "broadcast.png")
+    shown = pages[1]
+    expect(shown.locator("#log .message")).to_have_count(4)
+    assert conversation(shown) == [f"#{n + 1}: {text}" for n, text in lines]
+    expect(shown.locator("#log .message.own")).to_have_count(2)
+    expect(shown.locator("#me")).to_have_text("#2")
+    expect(shown.locator("#clients")).to_have_text("3")
+    expect(shown.locator("#log .message").last).to_be_in_viewport()
+    shown.screenshot(path=target / "broadcast.png")
+
     for name in ("echo.png", "broadcast.png"):
-        assert (target / name).stat().st_size > 10_000
+        png = (target / name).read_bytes()  # the width and height are in the PNG header
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(png[16:20]) == window["width"]
+    for page in pages:
+        assert page.input_value("#url") == script.url
+        assert page.problems == []
+    if update:
+        assert script.url == "ws://localhost:8765"

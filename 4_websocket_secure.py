@@ -1,0 +1,200 @@
+"""Three locks on one door: TLS (wss://), the Origin check and a token, before demo 2's echo.
+
+TLS keeps the conversation private on the wire, the Origin check keeps other web sites out,
+and the token decides who may talk. Make a certificate for this machine, once (one line):
+
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -keyout key.pem -out cert.pem -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
+
+(mkcert is an alternative that browsers trust without a warning, after `mkcert -install`.)
+
+Run it:    python 4_websocket_secure.py --certfile cert.pem --keyfile key.pem
+Then visit https://localhost:8443/ once to accept the certificate, and open the page
+address that the server prints: 4_client_secure.html?token=...
+"""  # noqa: E501 (the openssl command stays on one line, to copy and paste)
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+AUTHENTICATED = set()  # connections that gave the right token: only these count as clients
+CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in the order they are let in
+AUTH_TIMEOUT = 5  # seconds a new connection has to send its token
+MESSAGES = logging.getLogger("messages")  # one line per message; --quiet turns it off
+
+
+async def handler(websocket):
+    """Demo 2's echo, for a client whose first message holds the right token."""
+    # Locks 1 and 2 opened before this runs: TLS (ssl= in main) and the Origin (origins=).
+    address = "{}:{}".format(*websocket.remote_address[:2])
+    try:
+        if problem := await authenticate(websocket):
+            logging.warning("refused a client from %s: %s", address, problem)
+            return await websocket.close(CloseCode.POLICY_VIOLATION, problem)
+        if len(AUTHENTICATED) >= ARGS.max_clients:  # others got in while it authenticated
+            logging.warning("refused a client from %s: server full", address)
+            return await websocket.close(CloseCode.TRY_AGAIN_LATER, "server full")
+        await echo(websocket, address)
+    except ConnectionClosed:
+        pass  # it left, maybe in the middle of a send(): normal on networks
+
+
+async def authenticate(websocket):
+    """Lock 3: return None if the first message holds the right token, else the reason."""
+    # The token comes in a message, not in the URL: URLs end up in logs and browser history.
+    try:
+        async with asyncio.timeout(AUTH_TIMEOUT):
+            event = json.loads(await websocket.recv())
+    except TimeoutError:
+        return "authentication timeout"
+    except ValueError:  # not JSON, or binary that is not even UTF-8
+        event = None
+    token = event.get("token") if isinstance(event, dict) and event.get("type") == "auth" else None
+    if not isinstance(token, str):
+        return "authentication required"
+    # compare_digest() takes as long wherever the first wrong character is: nobody can
+    # guess the token one character at a time by timing the answers.
+    if not hmac.compare_digest(token.encode(), TOKEN.encode()):
+        return "invalid token"
+    return None
+
+
+async def echo(websocket, address):
+    """Send every message straight back, as demo 2 does, counting the client meanwhile."""
+    client = next(CLIENT_NUMBERS)
+    AUTHENTICATED.add(websocket)
+    try:
+        count = len(AUTHENTICATED)
+        logging.info("client #%d connected from %s (%d connected)", client, address, count)
+        await websocket.send(json.dumps({"type": "welcome", "client": client}))
+        async for message in websocket:
+            kind = "text" if isinstance(message, str) else "binary"
+            MESSAGES.info("client #%d: %s, %d long: %r", client, kind, len(message), message[:80])
+            await websocket.send(message)
+    finally:  # finally runs however the connection ends, so the count never drifts.
+        AUTHENTICATED.discard(websocket)
+        why = websocket.protocol.close_exc  # who closed, with which code and why
+        logging.info("client #%d disconnected (%d connected): %s", client, len(AUTHENTICATED), why)
+
+
+def certificate_page(connection, request):
+    """A plain visit to https://localhost:8443/: where a browser accepts the certificate."""
+    if request.path != "/" or "Upgrade" in request.headers:
+        return None  # a WebSocket handshake (or another path): as usual
+    return connection.respond(200, "This certificate is accepted; now open 4_client_secure.html")
+
+
+# --- Start-up, flags and safety checks: the same in every numbered script. ---
+
+TIMEOUT = 5  # seconds for an opening or closing handshake to finish
+# 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
+SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+# Pages from this machine or disk ("null") only: others could hijack a visitor's browser.
+LOCAL_PAGES = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
+
+
+def check(connection, request, response):
+    """Refuse a client past --max-clients; name a refused origin and how to allow it."""
+    if response.status_code == 403:  # websockets refused the Origin
+        origin = request.headers.get("Origin")
+        logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
+    elif response.status_code == 101 and len(AUTHENTICATED) >= ARGS.max_clients:
+        logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
+        return connection.respond(503, "Server full.\n")
+
+
+def tls_context():
+    """Lock 1: the certificate and key that make the server speak wss://."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        for path in (ARGS.certfile, ARGS.keyfile):  # load_cert_chain() won't say which is missing
+            open(path, "rb").close()
+        context.load_cert_chain(ARGS.certfile, ARGS.keyfile)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            sys.exit(f"The key in {ARGS.keyfile} does not match the certificate {ARGS.certfile}.")
+        sys.exit(f"{ARGS.certfile} and {ARGS.keyfile} must be a certificate and its key, in PEM.")
+    except OSError as exc:
+        sys.exit(f"Cannot read {exc.filename}: {exc.strerror}.")
+    return context
+
+
+async def main():
+    try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
+        with socket.create_server((ARGS.host, ARGS.port)) as probe:
+            port = probe.getsockname()[1]
+        origins = [None, "null", LOCAL_PAGES, *ARGS.allow_origin]  # None: not a browser
+        hooks = dict(origins=origins, process_request=certificate_page, process_response=check)
+        server = await serve(handler, ARGS.host, port, ssl=TLS, **hooks, **SETTINGS)
+    except OSError as exc:  # "Address already in use": is the server running already?
+        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
+    host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
+    url = f"{'wss' if TLS else 'ws'}://{host}:{port}"
+    if not ARGS.token:  # the only line that ever shows the token
+        page = Path(__file__).with_name("4_client_secure.html").as_uri() + f"?token={TOKEN}"
+        print(f"Open {page}{'' if url == 'wss://localhost:8443' else f'&url={url}'}", flush=True)
+    print(f"Listening on {url} (Ctrl+C to stop)", flush=True)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM, only Ctrl+C
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as Ctrl+C
+    try:
+        await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
+    finally:
+        server.close()  # every client gets close code 1001 (going away)
+        for websocket in server.connections:  # close() waits on drain() with no limit:
+            loop.call_later(TIMEOUT, websocket.transport.abort)  # cut off clients not reading
+        await server.wait_closed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
+    parser.add_argument("--port", type=int, default=8443, help="0: any free port (default: 8443)")
+    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
+    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
+    parser.add_argument("--quiet", action="store_true", help="do not log each message")
+    parser.add_argument("--certfile", help="certificate for wss://, PEM (e.g. cert.pem)")
+    parser.add_argument("--keyfile", help="its private key, PEM (e.g. key.pem)")
+    # Other users of this machine can read a command line (ps): prefer the variable.
+    token = os.environ.get("WEBSOCKET_TOKEN")
+    parser.add_argument("--token", default=token, help="(default: $WEBSOCKET_TOKEN, or random)")
+    ARGS = parser.parse_args()
+    if not 0 <= ARGS.port <= 65535:
+        parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
+    if ARGS.max_clients < 1:
+        parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
+    if bool(ARGS.certfile) != bool(ARGS.keyfile):
+        parser.error("--certfile and --keyfile go together: give both, or neither")
+    loopback = ARGS.host in ("localhost", "127.0.0.1", "::1")
+    if not (loopback or ARGS.certfile):  # a token in clear text on a network is anybody's
+        parser.error(f"--host {ARGS.host} needs --certfile and --keyfile (TLS)")
+    if not loopback:
+        print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
+    if not ARGS.certfile:
+        why = "tokens cross the wire in clear text (ws://); --help shows how to make a certificate"
+        print(f"Warning: without --certfile and --keyfile, {why}.", file=sys.stderr)
+    TOKEN = ARGS.token or secrets.token_urlsafe()
+    TLS = tls_context() if ARGS.certfile else None
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
+    MESSAGES.disabled = ARGS.quiet
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
+        asyncio.run(main())
+    print("Server stopped. Goodbye!")
