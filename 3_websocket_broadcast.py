@@ -152,8 +152,9 @@ class Conversation:
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
 SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-# Pages from this machine or disk ("null") only: others could hijack a visitor's browser.
-LOCAL_PAGES = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
+# Programs (no Origin), pages from disk ("null") or this machine; other web sites could
+# use a visitor's browser to talk to this server (Cross-Site WebSocket Hijacking).
+ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")]
 
 
 def check(connection, request, response):
@@ -178,10 +179,8 @@ async def main():
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
             port = probe.getsockname()[1]
-        origins = [None, "null", LOCAL_PAGES, *ARGS.allow_origin]  # None: not a browser
-        server = await serve(
-            handler, ARGS.host, port, origins=origins, process_response=check, **SETTINGS
-        )
+        settings = dict(origins=ORIGINS + ARGS.allow_origin, process_response=check, **SETTINGS)
+        server = await serve(handler, ARGS.host, port, **settings)
     except OSError as exc:  # "Address already in use": is the server running already?
         sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
     host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host

@@ -104,8 +104,9 @@ def certificate_page(connection, request):
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
 SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-# Pages from this machine or disk ("null") only: others could hijack a visitor's browser.
-LOCAL_PAGES = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
+# Programs (no Origin), pages from disk ("null") or this machine; other web sites could
+# use a visitor's browser to talk to this server (Cross-Site WebSocket Hijacking).
+ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")]
 
 
 def check(connection, request, response):
@@ -138,7 +139,7 @@ async def main():
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
             port = probe.getsockname()[1]
-        origins = [None, "null", LOCAL_PAGES, *ARGS.allow_origin]  # None: not a browser
+        origins = ORIGINS + ARGS.allow_origin
         hooks = dict(origins=origins, process_request=certificate_page, process_response=check)
         server = await serve(handler, ARGS.host, port, ssl=TLS, **hooks, **SETTINGS)
     except OSError as exc:  # "Address already in use": is the server running already?
