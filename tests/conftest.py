@@ -268,3 +268,62 @@ def redis_server():
     yield server
     if server.proc.poll() is None:
         server.stop()
+
+
+CHROMIUM = [
+    os.environ.get("CHROMIUM", ""),
+    "/usr/bin/chromium",
+    "/usr/bin/chromium-browser",
+    "/usr/bin/google-chrome",
+    "/snap/bin/chromium",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+    shutil.which("chromium") or "",
+    shutil.which("google-chrome") or "",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The Chrome or Chromium installed here, driven by Playwright (it downloads nothing)."""
+    path = next((path for path in CHROMIUM if path and os.path.exists(path)), None)
+    if path is None:
+        missing(
+            "no Chromium found: install it (Debian/Ubuntu: apt-get install chromium) "
+            "or point the CHROMIUM environment variable at a Chrome or Chromium binary",
+            "REQUIRE_BROWSER",
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_file(browser):
+    """open_file(html, query, viewport=None, before=None, **options): a page opened from
+    disk, as a double-click does. before(page), if given, runs before the page loads (to
+    pause its clock, say); options go to the browser context (ignore_https_errors=True)."""
+    contexts = []
+
+    def open_file(html, query, viewport=None, before=None, **options):
+        viewport = viewport or {"width": 900, "height": 700}
+        context = browser.new_context(viewport=viewport, **options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10_000)  # ms for anything the page must show
+        page.problems = []  # console errors and uncaught exceptions
+        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.sockets = []  # the address of every WebSocket the page opened, oldest first
+        page.on("websocket", lambda ws: page.sockets.append(ws.url))
+        if before:
+            before(page)
+        page.goto(f"{(ROOT / html).as_uri()}?{query}")
+        return page
+
+    yield open_file
+    for context in contexts:
+        context.close()

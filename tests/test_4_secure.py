@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import trustme
-from conftest import ROOT, Script, assert_clean, client, free_port, missing
+from conftest import ROOT, Script, assert_clean, client, free_port
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import CloseCode
 
 try:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 except ImportError:  # the browser fixture says what is missing; the server tests still run
-    expect = sync_playwright = None
+    expect = None
 
 SCRIPT = "4_websocket_secure.py"
 PAGE = "4_client_secure.html"
@@ -373,43 +373,19 @@ window.WebSocket = class extends WebSocket {
 START = "python 4_websocket_secure.py --certfile cert.pem --keyfile key.pem"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    candidates = [os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")]
-    path = next((path for path in candidates if path and os.path.exists(path)), None)
-    if path is None or sync_playwright is None:
-        missing("no Chromium or Playwright: see requirements-dev.txt and .ci/", "REQUIRE_BROWSER")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def open_page(browser):
+def open_page(open_file):
     """open_page(query): the page from disk, trusting any certificate as if accepted once."""
-    contexts = []
 
     def open_page(query, viewport=None, clock=False):
-        context = browser.new_context(
-            ignore_https_errors=True, viewport=viewport or {"width": 900, "height": 700}
-        )
-        contexts.append(context)
-        # Count the connections the page opens: window.sockets.
-        context.add_init_script(SOCKET_COUNTER)
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        page.problems = []
-        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
-        page.on("pageerror", lambda e: page.problems.append(str(e)))
-        if clock:  # the page's timers run only when the test moves the clock
-            page.clock.install()
-        page.goto(f"{(ROOT / PAGE).as_uri()}?{query}")
-        return page
+        def before(page):
+            page.context.add_init_script(SOCKET_COUNTER)  # window.sockets: connections opened
+            if clock:  # the page's timers run only when the test moves the clock
+                page.clock.install()
 
-    yield open_page
-    for context in contexts:
-        context.close()
+        return open_file(PAGE, query, viewport, before, ignore_https_errors=True)
+
+    return open_page
 
 
 def send(page, text):

@@ -3,75 +3,26 @@
 import json
 import os
 import re
-import shutil
 import time
 
 import pytest
-from conftest import ROOT, free_port, missing
+from conftest import ROOT, free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CANDIDATES = [
-    os.environ.get("CHROMIUM", ""),
-    "/usr/bin/chromium",
-    "/usr/bin/chromium-browser",
-    "/usr/bin/google-chrome",
-    "/snap/bin/chromium",
-    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
-    "/Applications/Chromium.app/Contents/MacOS/Chromium",
-    shutil.which("chromium") or "",
-    shutil.which("google-chrome") or "",
-]
 TIMEOUT = 10_000  # ms for anything the page must show
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 WELCOME = {"type": "welcome", "client": 1, "clients": 1, "history": [], "recovered": False}
 
 
-def find_chromium():
-    return next((path for path in CANDIDATES if path and os.path.exists(path)), None)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = find_chromium()
-    if path is None:
-        missing(
-            "no Chromium found: install it (Debian/Ubuntu: apt-get install chromium) "
-            "or point the CHROMIUM environment variable at a Chrome or Chromium binary",
-            "REQUIRE_BROWSER",
-        )
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def open_page(browser):
-    """open_page(html_file, server_url): a page opened from disk, as a double-click does.
-
-    before(page), if given, runs before the page loads: to pause its clock, say.
-    """
-    contexts = []
+def open_page(open_file):
+    """open_page(html_file, server_url, viewport=None, before=None): see conftest.open_file."""
 
     def open_page(html, url, viewport=None, before=None):
-        context = browser.new_context(viewport=viewport or {"width": 900, "height": 700})
-        contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT)
-        page.problems = []  # console errors and uncaught exceptions
-        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
-        page.on("pageerror", lambda e: page.problems.append(str(e)))
-        page.sockets = []  # the address of every WebSocket the page opened, oldest first
-        page.on("websocket", lambda ws: page.sockets.append(ws.url))
-        if before:
-            before(page)
-        page.goto(f"{(ROOT / html).as_uri()}?url={url}")
-        return page
+        return open_file(html, f"url={url}", viewport, before)
 
-    yield open_page
-    for context in contexts:
-        context.close()
+    return open_page
 
 
 def expect(locator):

@@ -25,6 +25,16 @@ async def everyone_sees(listeners, count):
     )
 
 
+async def two_processes(start, redis_server):
+    """Two processes sharing one Redis, a sender on the first and a reader on the second."""
+    one = start(SCRIPT, "--redis", redis_server.url)
+    two = start(SCRIPT, "--redis", redis_server.url)
+    sender = await Listener.connect(one.url)
+    reader = await Listener.connect(two.url)
+    await everyone_sees([sender, reader], 2)
+    return one, two, sender, reader
+
+
 @pytest.mark.parametrize("processes", [2, 3])
 async def test_processes_share_one_conversation_in_one_order(start, redis_server, processes):
     servers = [start(SCRIPT, "--redis", redis_server.url) for _ in range(processes)]
@@ -117,11 +127,7 @@ async def test_a_killed_process_stops_counting_and_its_clients_catch_up_elsewher
 
 
 async def test_redis_outage_refuses_newcomers_tells_senders_and_resumes(start, redis_server):
-    one = start(SCRIPT, "--redis", redis_server.url)
-    two = start(SCRIPT, "--redis", redis_server.url)
-    sender = await Listener.connect(one.url)
-    reader = await Listener.connect(two.url)
-    await everyone_sees([sender, reader], 2)
+    one, two, sender, reader = await two_processes(start, redis_server)
     await sender.ws.send("before the outage")
     await Listener.until(lambda: texts(reader) == ["before the outage"])
     redis_server.stop()
@@ -152,11 +158,7 @@ async def test_redis_outage_refuses_newcomers_tells_senders_and_resumes(start, r
 
 
 async def test_a_malformed_entry_is_logged_and_skipped(start, redis_server):
-    one = start(SCRIPT, "--redis", redis_server.url)
-    two = start(SCRIPT, "--redis", redis_server.url)
-    sender = await Listener.connect(one.url)
-    reader = await Listener.connect(two.url)
-    await everyone_sees([sender, reader], 2)
+    one, two, sender, reader = await two_processes(start, redis_server)
     async with redis.asyncio.from_url(redis_server.url) as r:
         await r.xadd("broadcast:messages", {"event": "not json"})
         await r.xadd("broadcast:messages", {"something": "else"})
