@@ -1,0 +1,103 @@
+"""How fast one --redis process can publish: one XADD per event behind a lock (the first
+design) against the pipelined writer of broadcast_redis.py, with the relay reading every
+message back as a server does.
+
+Run: python bench/redis_publish.py        (about 30 s; needs redis-server; --quick: a smoke run)
+"""
+
+import argparse
+import asyncio
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from common import ROOT
+
+sys.path.insert(0, str(ROOT))
+import broadcast_redis  # the module next to the scripts, found through ROOT
+
+
+class History:
+    """The one thing the writer asks of the script's History: its size."""
+
+    class messages:
+        maxlen = 100
+
+    def add(self, event):
+        pass
+
+
+class Locked(broadcast_redis.Conversation):
+    """The first design: one XADD per event, one at a time."""
+
+    async def publish(self, event):
+        stream = broadcast_redis.MESSAGES
+        async with self.lock:
+            await self.redis.xadd(stream, self.entry(event), maxlen=self.keep(stream))
+
+
+async def rate(kind, url, senders, each):
+    delivered = []
+    conversation = kind(url, History(), delivered.append, {}, 5)
+    conversation.lock = asyncio.Lock()
+    await conversation.prepare()
+
+    async def send(client):
+        for _ in range(each):
+            event = {"type": "message", "client": client, "text": "x" * 40}
+            assert await conversation.publish(event) is None
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(send(i) for i in range(senders)))
+    while len(delivered) < senders * each:  # until all are read back
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - t0
+    await conversation.close()
+    return senders * each / elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small run: a smoke test")
+    args = parser.parse_args()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("This benchmark needs redis-server (Debian/Ubuntu: apt-get install redis-server).")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    redis = subprocess.Popen([*command, "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    runs, total = (1, 100) if args.quick else (3, 3000)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until redis-server accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        print(f"Events published and read back per second; median of {runs} runs (min-max)\n")
+        print("senders | one XADD per event, behind a lock | the pipelined writer")
+        print("------- | --------------------------------- | --------------------------")
+        for senders in (1, 10, 100) if args.quick else (1, 10, 100, 1000):
+            each = max(3, total // senders)
+            cells = []
+            for kind in (Locked, broadcast_redis.Conversation):
+                rates = [asyncio.run(rate(kind, url, senders, each)) for _ in range(runs)]
+                median = statistics.median(rates)
+                cells.append(f"{median:,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f})")
+            print(f"{senders:>7,} | {cells[0]:<33} | {cells[1]}")
+    finally:
+        redis.terminate()
+        redis.wait()
+
+
+if __name__ == "__main__":
+    main()
