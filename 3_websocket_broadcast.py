@@ -25,7 +25,6 @@ CLIENTS = {}  # the connections that are open right now -> their client number
 MAX_TEXT = 1000  # characters in one chat message
 MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off
 JOINED, LEFT = [], []  # arrivals and departures not announced yet
-TASKS = set()  # closing handshakes under way
 
 
 async def handler(websocket):
@@ -34,12 +33,11 @@ async def handler(websocket):
     if client is None:  # only with --redis, if Redis went away since the handshake
         return await websocket.close(1013, "broadcast unavailable, try again later")
     since = parse_qs(urlsplit(websocket.request.path).query).get("since", [None])[0]
-    history, recovered = HISTORY.since(since)
+    catch_up = HISTORY.since(since)  # {"history": [...], "recovered": True or False}
     # No await from reading HISTORY to joining CLIENTS, and send() writes at once:
     # each message is in the welcome's history or delivered live, never both.
     CLIENTS[websocket] = client
-    welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online()}
-    welcome |= {"history": history, "recovered": recovered}
+    welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online(), **catch_up}
     logging.info("client #%d connected from %s:%d", client, *websocket.remote_address[:2])
     try:
         await websocket.send(json.dumps(welcome))
@@ -66,7 +64,6 @@ def problem_with(message):
         return "empty message: type something first"
     if len(message) > MAX_TEXT:
         return f"message too long: {len(message)} characters, the limit is {MAX_TEXT}"
-    return None
 
 
 def deliver(event):
@@ -92,9 +89,8 @@ def send_to_all(event):
     for websocket in [ws for ws in CLIENTS if ws.transport.get_write_buffer_size() > MAX_BACKLOG]:
         client = CLIENTS.pop(websocket)
         logging.warning("client #%d is over %d bytes behind: disconnecting it", client, MAX_BACKLOG)
-        close = asyncio.create_task(websocket.close(1008, "too slow"))
-        TASKS.add(close)  # asyncio holds tasks weakly: keep it until it is done
-        close.add_done_callback(TASKS.discard)
+        # The connection holds the closing task: asyncio itself holds tasks only weakly.
+        websocket.closing = asyncio.create_task(websocket.close(1008, "too slow"))
         # It isn't reading, so it won't answer the close either: cut the TCP connection.
         asyncio.get_running_loop().call_later(TIMEOUT, websocket.transport.abort)
 
@@ -119,11 +115,11 @@ class History:
         self.messages.append(event)
 
     def since(self, message_id):
-        """(every message after message_id, True) if all are here, else (the latest, False)."""
+        """Every message after message_id if all are here, else the latest 20 (not recovered)."""
         ids = [self.forgotten, *(event["id"] for event in self.messages)]
         if message_id is not None and message_id in ids:
-            return list(self.messages)[ids.index(message_id) :], True
-        return list(self.messages)[-20:], False  # unknown, too old, or from before a restart
+            return {"history": list(self.messages)[ids.index(message_id) :], "recovered": True}
+        return {"history": list(self.messages)[-20:], "recovered": False}
 
 
 class Conversation:

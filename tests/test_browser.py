@@ -484,6 +484,19 @@ def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page
     for page in pages:
         expect(page.locator("#log .message")).to_have_count(2)
     assert conversation(pages[0]) == conversation(pages[1])
+
+    # The first page goes away while the second talks: it catches up through Redis too.
+    away, talker = pages
+    away.click("#connect")  # Disconnect
+    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
+    missed = [f"#2: while you were away {n}" for n in range(1, 4)]
+    for text in missed:
+        send(talker, text.removeprefix("#2: "))
+    expect(talker.locator("#log .message")).to_have_count(5)
+    away.click("#connect")
+    expect(away.locator("#log .message")).to_have_count(5)
+    assert after_separator(away, "— while you were away —") == missed
+    assert conversation(away) == conversation(talker)
     assert all(page.problems == [] for page in pages)
 
 
@@ -541,10 +554,10 @@ def test_screenshots(start, open_page, tmp_path):
     page = open_page("2_client_echo.html", script.url, window)
     expect(page.locator("#status")).to_have_text(f"Connected to {script.url}.")
     texts = ["Hello, WebSocket!", "Every message comes straight back", "to its sender."]
-    for text in texts:
-        send(page, text)
     received = page.locator("#log .received")
-    expect(received).to_have_count(3)
+    for count, text in enumerate(texts, 1):  # each echo before the next message, as by hand
+        send(page, text)
+        expect(received).to_have_count(count)
     for line, text in zip(received.all(), texts, strict=True):
         expect(line).to_have_text(re.compile(rf"  ← {re.escape(text)} \(round trip \d+\.\d ms\)$"))
     expect(received.last).to_be_in_viewport()
