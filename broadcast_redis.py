@@ -129,19 +129,23 @@ class Conversation:
         return await done
 
     async def write(self):
-        while (first := await self.outbox.get()) is not None:
-            batch = [first]
+        """Send everything run() queued, in one pipeline; stop at None, from close()."""
+        stop = False
+        while not stop:
+            batch = [await self.outbox.get()]
             while not self.outbox.empty():
                 batch.append(self.outbox.get_nowait())
+            stop = None in batch
+            batch = [item for item in batch if item is not None]
             pipe = self.redis.pipeline(transaction=False)
             for command, args, kwargs, _ in batch:
                 getattr(pipe, command)(*args, **kwargs)
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await pipe.execute(raise_on_error=False) if batch else []
             except RedisError as exc:
                 results = [exc] * len(batch)
             for (*_, done), result in zip(batch, results, strict=True):
-                if done.done():
+                if done.done():  # its sender went away meanwhile
                     continue
                 if isinstance(result, Exception):
                     done.set_exception(result)
