@@ -1,44 +1,88 @@
-"""Broadcast benchmark: delivery latency, loss and memory of 3_websocket_broadcast.py
-against reference servers, at 100, 1,000 and 5,000 clients.
+"""Broadcast benchmark: delivery latency, server CPU, loss and memory of
+3_websocket_broadcast.py against Node's ws and the library's references, at 100, 1,000
+and 5,000 clients; --scale-out: 1 process against 2 sharing through Redis Streams.
 
-Run: python bench/broadcast.py       (about 10 minutes; --quick for a smoke run)
-Servers run on one core, the load generator on the other; all on 127.0.0.1.
+Run: python bench/broadcast.py       (about 30 minutes; --quick for a smoke run)
+Servers run on one core, the load processes on the other; all on 127.0.0.1.
 """
 
 import argparse
 import asyncio
-import base64
 import json
-import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import zlib
-from urllib.parse import urlsplit
 
-from common import CLIENT_CORE, ROOT, Server, machine, pin, summary, table
+from common import (
+    ROOT,
+    Server,
+    compare,
+    each_server,
+    finish,
+    median,
+    node_ws,
+    pyplot,
+    python,
+    raise_file_limit,
+    read_json,
+    save,
+    spawn,
+    summary,
+    table,
+    tell,
+    versions,
+)
+from lean import Client, open_all
 
-SERVERS = {
-    "3_websocket_broadcast.py": [
-        "3_websocket_broadcast.py",
-        "--port",
-        "0",
-        "--max-clients",
-        "20000",
-    ],
-    "bare broadcast() reference": ["bench/servers.py", "bare-broadcast"],
-    "await send() to each": ["bench/servers.py", "await-each"],
-    "floor: pre-built frame to each transport": ["bench/servers.py", "floor"],
-}
-MEMORY_SERVERS = {
-    "3_websocket_broadcast.py": SERVERS["3_websocket_broadcast.py"],
-    "bare broadcast() reference": SERVERS["bare broadcast() reference"],
-    "1_websocket_server.py": ["1_websocket_server.py", "--port", "0", "--max-clients", "20000"],
-    "2_websocket_echo.py": ["2_websocket_echo.py", "--port", "0", "--max-clients", "20000"],
-}
+DEMO, NODE, BARE, FLOOR = (
+    "3_websocket_broadcast.py",
+    "Node ws (same protocol)",
+    "bare broadcast()",
+    "floor: pre-built frame to each transport",
+)
+DEMO_COMMAND = python(DEMO, "--port", 0, "--max-clients", 20000)
+
+
+def latency_servers():
+    """name -> (command, compression, speaks the demo's protocol)"""
+    found = {
+        DEMO: (DEMO_COMMAND, "off", True),
+        NODE: (node_ws("broadcast"), "off", True),
+        BARE: (python("bench/servers.py", "bare-broadcast"), "off", False),
+        f"{BARE}, deflate": (
+            python("bench/servers.py", "bare-broadcast", "--deflate"),
+            "deflate",
+            False,
+        ),
+        "await send() to each": (python("bench/servers.py", "await-each"), "off", False),
+        "await send() to each, deflate": (
+            python("bench/servers.py", "await-each", "--deflate"),
+            "deflate",
+            False,
+        ),
+        FLOOR: (python("bench/servers.py", "floor"), "off", False),
+    }
+    return {name: value for name, value in found.items() if value[0]}
+
+
+def memory_servers(latency):
+    found = {
+        name: latency[name] for name in (DEMO, NODE, BARE, f"{BARE}, deflate") if name in latency
+    }
+    found["1_websocket_server.py"] = (
+        python("1_websocket_server.py", "--port", 0, "--max-clients", 20000),
+        "off",
+        False,
+    )
+    found["2_websocket_echo.py"] = (
+        python("2_websocket_echo.py", "--port", 0, "--max-clients", 20000),
+        "off",
+        False,
+    )
+    return found
 
 
 def percentile(values, p):
@@ -46,76 +90,20 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
 
 
-async def connect_all(url, n):
-    """Open n connections, 100 at a time; offer permessage-deflate, as browsers do."""
-    from websockets.asyncio.client import connect
-
-    clients = []
-    for start in range(0, n, 100):
-        batch = [
-            connect(url, proxy=None, open_timeout=120, ping_interval=None)
-            for _ in range(min(100, n - start))
-        ]
-        clients += await asyncio.gather(*batch)
-    return clients
+# --- The load processes: receivers, one sender, idle connections. ---
 
 
-class Receiver(asyncio.Protocol):
-    """A lean read-only WebSocket client, so that thousands fit in one process.
+class Receiver(Client):
+    """Records when each broadcast arrives, after the warm-up; parses no more than it must."""
 
-    It offers permessage-deflate as browsers do, answers pings, and records when
-    each broadcast arrives; it parses frames in bulk, with no task per client.
-    """
-
-    def __init__(self, path, host, ours, everyone, latencies):
-        self.path, self.host, self.ours, self.everyone = path, host, ours, everyone
+    def __init__(self, path, host, events, everyone, warmup, latencies):
+        super().__init__(path, host)
+        self.events, self.everyone, self.warmup = events, everyone, warmup
         self.latencies = latencies  # shared list of (ms) for this process
-        self.buffer, self.opened = b"", asyncio.get_running_loop().create_future()
-        self.inflate, self.settled, self.closed, self.count = None, False, False, 0
-
-    def connection_made(self, transport):
-        self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
-        )
-
-    def data_received(self, data):
-        now = time.time()
-        self.buffer += data
-        if not self.opened.done():
-            head, found, self.buffer = self.buffer.partition(b"\r\n\r\n")
-            if not found:
-                self.buffer = head
-                return
-            if b"permessage-deflate" in head.lower():
-                self.inflate = zlib.decompressobj(-15)
-            self.opened.set_result(head.startswith(b"HTTP/1.1 101"))
-        while len(self.buffer) >= 2:
-            first, length = self.buffer[0], self.buffer[1] & 0x7F
-            start = 2
-            if length == 126:
-                length, start = int.from_bytes(self.buffer[2:4], "big"), 4
-            elif length == 127:
-                length, start = int.from_bytes(self.buffer[2:10], "big"), 10
-            if len(self.buffer) < start + length:
-                return
-            payload = self.buffer[start : start + length]
-            self.buffer = self.buffer[start + length :]
-            opcode = first & 0x0F
-            if opcode == 0x8:
-                self.closed = True
-            elif opcode == 0x9:  # ping: answer with a masked pong
-                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
-            elif opcode == 0x1:
-                if first & 0x40:  # compressed (RSV1)
-                    payload = self.inflate.decompress(payload + b"\x00\x00\xff\xff")
-                self.message(payload, now)
+        self.settled, self.count = not events, 0
 
     def message(self, payload, now):
-        if self.ours:
+        if self.events:
             if not payload.startswith(b'{"type": "message"'):
                 event = json.loads(payload)
                 self.settled |= event["type"] == "presence" and event["clients"] == self.everyone
@@ -124,95 +112,53 @@ class Receiver(asyncio.Protocol):
             # costs the same as with the references, which send bare text.
             payload = payload[payload.rindex(b'"text": "') + 9 : -2]
         self.count += 1
-        self.latencies.append(round((now - float(payload)) * 1000, 2))
+        if self.count > self.warmup:
+            self.latencies.append(round((now - float(payload)) * 1000, 2))
 
 
-async def receive(urls, n, ours, everyone, total, seconds):
-    """Load process: n lean receivers. Prints "ready" once all are in, then the latencies."""
-    loop = asyncio.get_running_loop()
-    latencies, receivers = [], []
-    t0 = time.monotonic()
-    for start in range(0, n, 100):
-        batch = []
-        for i in range(start, min(start + 100, n)):
-            url = urlsplit(urls[i % len(urls)])
-            receiver = Receiver(url.path or "/", url.netloc, ours, everyone, latencies)
-            batch.append(loop.create_connection(lambda r=receiver: r, url.hostname, url.port))
-            receivers.append(receiver)
-        await asyncio.gather(*batch)
-        assert all(await asyncio.gather(*(r.opened for r in receivers[start:])))
-    while ours and not all(r.settled for r in receivers):  # presence says all are in
+async def receive(urls, n, events, everyone, warmup, total, timeout):
+    """Load process: n receivers; reports when all are in, then what arrived, then closes."""
+    latencies, t0 = [], time.monotonic()
+    receivers = await open_all(
+        lambda path, host: Receiver(path, host, events, everyone, warmup, latencies), urls, n
+    )
+    while not all(r.settled for r in receivers):  # presence says that everyone is in
         if any(r.closed for r in receivers) or time.monotonic() - t0 > 300:
             raise SystemExit("the server closed connections, or presence never settled")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     print(json.dumps({"connect": time.monotonic() - t0}), flush=True)
-    deadline = time.monotonic() + seconds + 60
-    await loop.run_in_executor(None, sys.stdin.readline)  # "go": the sender has started
-    while time.monotonic() < deadline and any(r.count < total for r in receivers):
-        await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go": the sender starts
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(r.count < warmup + total for r in receivers):
+        await asyncio.sleep(0.01)
+    lost = sum(max(0, warmup + total - r.count) for r in receivers)
+    closed = sum(r.closed for r in receivers)
+    print(json.dumps({"latencies": latencies, "lost": lost, "closed": closed}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "close": the bench read the CPU
     for r in receivers:
         r.transport.abort()
-    print(json.dumps({"latencies": latencies, "lost": sum(total - r.count for r in receivers)}))
 
 
-async def send(url, rate, total):
+async def send(url, rate, warmup, total):
     """Load process: the sender, alone, so that its schedule depends on nobody else."""
     from websockets.asyncio.client import connect
 
     async with connect(url, proxy=None, ping_interval=None) as ws:
         drain = asyncio.create_task(read_and_drop(ws))
-        print("connected", flush=True)
+        print('"connected"', flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
         slips = []
-        start = time.monotonic() + 0.2
-        for k in range(total):
+        start = time.monotonic() + 0.05
+        for k in range(warmup + total):
+            if k == warmup:
+                print('"timed"', flush=True)  # the bench reads the server's CPU now
             scheduled = start + k / rate
             await asyncio.sleep(max(0, scheduled - time.monotonic()))
             slips.append(time.monotonic() - scheduled)
             await ws.send(repr(time.time()))
         drain.cancel()
-    print(json.dumps({"slip": max(slips, default=0) * 1000}))
-
-
-def run_loads(urls, n, rate, seconds, ours, processes=1):
-    """One sender process and `processes` receiver processes; merge what they measured."""
-    total = int(rate * seconds)
-
-    def spawn(*args):
-        return subprocess.Popen(
-            [sys.executable, __file__, *map(str, args)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=(lambda: pin(0, CLIENT_CORE)) if processes == 1 else None,
-        )
-
-    sender = spawn("--send", urls[0], rate, total)
-    assert sender.stdout.readline().strip() == "connected"
-    shares = [n // processes + (i < n % processes) for i in range(processes)]
-    kind = "ours" if ours else "ref"
-    receivers = [
-        spawn("--receive", ",".join(urls), share, kind, n + 1, total, seconds) for share in shares
-    ]
-    connect = max(json.loads(r.stdout.readline())["connect"] for r in receivers)
-    for proc in [*receivers, sender]:  # go
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    outs = [
-        json.loads(proc.communicate(timeout=900)[0].strip().splitlines()[-1]) for proc in receivers
-    ]
-    slip = json.loads(sender.communicate(timeout=900)[0].strip().splitlines()[-1])["slip"]
-    latencies = [x for o in outs for x in o["latencies"]]
-    return {
-        "p50": percentile(latencies, 50),
-        "p95": percentile(latencies, 95),
-        "p99": percentile(latencies, 99),
-        "max": max(latencies, default=float("nan")),
-        "lost": sum(o["lost"] for o in outs),
-        "connect": connect,
-        "slip": slip,
-    }
+    print(json.dumps({"slip": max(slips, default=0) * 1000}), flush=True)
 
 
 async def read_and_drop(ws):
@@ -220,42 +166,122 @@ async def read_and_drop(ws):
         pass
 
 
-async def idle(url, n):
-    """Hold n idle connections open until stdin closes."""
-    clients = await connect_all(url, n)
-    await asyncio.sleep(1)  # let the server finish its welcome and presence frames
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    for ws in clients:
-        ws.transport.abort()
+class Idle(Client):
+    """Reads and ignores everything; for the demo's protocol, waits until presence says n."""
+
+    def __init__(self, path, host, events, everyone):
+        super().__init__(path, host)
+        self.events, self.everyone, self.settled = events, everyone, not events
+
+    def message(self, payload, now):
+        if self.events and b'"presence"' in payload:
+            self.settled |= json.loads(payload)["clients"] == self.everyone
 
 
-def measure_latency(sizes, runs, seconds):
-    print("Delivery latency: one sender, a timestamped message 10 times a second (5 at 5,000)")
-    print(
-        f"for {seconds:g} s; every client records its arrival. Median of {runs} runs (min-max).\n"
-    )
-    for n in sizes:
-        rate = 5 if n >= 5000 else 10
-        results = {name: [] for name in SERVERS}
-        for run in range(runs):
-            for name, command in SERVERS.items():
-                with Server(command) as server:
-                    cpu0, t0 = server.cpu_seconds(), time.monotonic()
-                    out = run_loads([server.url], n, rate, seconds, name.endswith(".py"))
-                    out["cpu"] = (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-                    results[name].append(out)
-            print(f"  {n} clients: run {run + 1}/{runs} done", file=sys.stderr)
-        print_latency_table(f"{n:,} clients, {rate} messages a second, latency in ms", results)
-        p99 = {name: statistics.median(o["p99"] for o in outs) for name, outs in results.items()}
-        ours = p99["3_websocket_broadcast.py"]
-        print(
-            f"p99 ratios: {ours / p99['bare broadcast() reference']:.2f}x the bare broadcast() "
-            f"reference, {ours / p99['floor: pre-built frame to each transport']:.2f}x the floor\n"
+async def idle(url, n, events, pause):
+    """Load process: n idle connections, held until stdin says close."""
+    receivers = await open_all(lambda path, host: Idle(path, host, events, n), [url], n)
+    t0 = time.monotonic()
+    while not all(r.settled for r in receivers) and time.monotonic() - t0 < 60:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(pause)  # let the server finish its welcome and presence frames
+    print('"ready"', flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for r in receivers:
+        r.transport.abort()
+
+
+# --- One run: start the loads, time the window, read the server's CPU around it. ---
+
+
+def run_loads(servers, n, rate, warmup, total, events, processes=2, pinned=True):
+    """One sender and `processes` receiver processes; merge what they measured."""
+    urls = ",".join(s.url for s in servers)
+    sender = spawn(__file__, "--send", servers[0].url, rate, warmup, total, pinned=pinned)
+    read_json(sender)  # connected
+    shares = [n // processes + (i < n % processes) for i in range(processes)]
+    timeout = (warmup + total) / rate + 60
+    receivers = [
+        spawn(
+            __file__,
+            "--receive",
+            urls,
+            share,
+            int(events),
+            n + 1,
+            warmup,
+            total,
+            timeout,
+            pinned=pinned,
         )
+        for share in shares
+        if share
+    ]
+    connect = max(read_json(r)["connect"] for r in receivers)
+    for proc in [*receivers, sender]:
+        tell(proc, "go")
+    read_json(sender)  # "timed": the warm-up is over
+    cpu0, t0 = sum(s.cpu_seconds() for s in servers), time.monotonic()
+    outs = [read_json(r) for r in receivers]
+    cpu, elapsed = sum(s.cpu_seconds() for s in servers) - cpu0, time.monotonic() - t0
+    for proc in receivers:
+        tell(proc, "close")
+        finish(proc)
+    slip = read_json(sender)["slip"]
+    finish(sender)
+    latencies = [x for o in outs for x in o["latencies"]]
+    return {
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "max": max(latencies, default=float("nan")),
+        "lost": sum(o["lost"] for o in outs),
+        "closed": sum(o["closed"] for o in outs),
+        "cpu": cpu / elapsed,
+        "cpu_us": 1e6 * cpu / (total * (n + 1)),  # the sender gets each message too
+        "connect": connect,
+        "slip": slip,
+    }
 
 
-def print_latency_table(title, results):
+def measure_latency(catalogue, sizes, args):
+    print(f"Delivery latency: one sender sends a timestamped message {args.rate:g} times a second;")
+    print(f"{args.warmup} messages of warm-up, then {args.messages} timed. Median of {args.runs}")
+    print("alternating runs (min-max). CPU µs/msg: server CPU per delivered message.\n")
+    everything = {}
+    for n in sizes:
+        results = {name: [] for name in catalogue}
+
+        def one(name, entry, n=n):
+            command, _, events = entry
+            with tempfile.TemporaryFile() as log, Server(command, log=log) as server:
+                return run_loads(
+                    [server], n, args.rate, args.warmup, args.messages, events, args.processes
+                )
+
+        for run in range(args.runs):
+            for name, out in each_server(catalogue, one, args.quick).items():
+                results[name].append(out)
+            print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
+        print_latency_table(f"{n:,} clients, latency in ms", results, catalogue)
+        print_ratios(results)
+        everything[n] = results
+    return everything
+
+
+def print_ratios(results):
+    if DEMO not in results:
+        return
+    ours = results[DEMO]
+    for name in (NODE, BARE, FLOOR):
+        if name in results:
+            theirs = results[name]
+            p99 = compare([o["p99"] for o in ours], [o["p99"] for o in theirs])
+            cpu = compare([o["cpu_us"] for o in ours], [o["cpu_us"] for o in theirs])
+            print(f"{DEMO} vs {name}: p99 {p99}; CPU per message {cpu}")
+    print()
+
+
+def print_latency_table(title, results, catalogue=None):
     rows = []
     for name, outs in results.items():
 
@@ -265,68 +291,66 @@ def print_latency_table(title, results):
         rows.append(
             [
                 name,
+                catalogue[name][1] if catalogue else "off",
                 col("p50"),
-                col("p95"),
                 col("p99"),
                 col("max"),
-                sum(o["lost"] for o in outs),
-                col("slip"),
+                sum(o["lost"] + o["closed"] for o in outs),
                 col("cpu", "{:.0%}"),
+                col("cpu_us", "{:.1f}"),
+                col("slip"),
                 col("connect", "{:.1f} s"),
             ]
         )
     print(title)
-    headers = [
-        "server",
-        "p50",
-        "p95",
-        "p99",
-        "max",
-        "lost",
-        "send slip ms",
-        "server CPU",
-        "connect (all N)",
-    ]
-    print(table(headers, rows))
+    headers = ["server", "compression", "p50", "p99", "max", "lost", "server CPU", "CPU µs/msg"]
+    print(table([*headers, "send slip ms", "connect (all N)"], rows))
 
 
-def measure_memory(sizes, runs):
+def measure_memory(catalogue, sizes, runs, parallel):
     print("Memory: resident memory per idle connection that offered permessage-deflate,")
     print(f"(RSS with N clients - RSS with none) / N, KiB. Median of {runs} runs (min-max).\n")
-    rows = []
-    for name, command in MEMORY_SERVERS.items():
-        row = [name]
-        for n in sizes:
+    memory = {name: {} for name in catalogue}
+    for n in sizes:
+
+        def one(name, entry, n=n):
+            command, _, events = entry
             per = []
             for _ in range(runs):
-                with Server(command) as server:
+                with tempfile.TemporaryFile() as log, Server(command, log=log) as server:
                     before = server.rss_kib()
-                    proc = subprocess.Popen(
-                        [sys.executable, __file__, "--idle", server.url, str(n)],
-                        cwd=ROOT,
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        text=True,
-                        preexec_fn=lambda: pin(0, CLIENT_CORE),
+                    proc = spawn(
+                        __file__, "--idle", server.url, n, int(events), 0.05 if parallel else 0.5
                     )
-                    assert proc.stdout.readline().strip() == "ready"
+                    read_json(proc)  # ready
                     per.append((server.rss_kib() - before) / n)
-                    proc.communicate("", timeout=60)
-            row.append(summary(per, "{:.1f}"))
-        rows.append(row)
-    print(table(["server", *(f"{n:,} idle clients" for n in sizes)], rows))
+                    tell(proc, "close")
+                    finish(proc)
+            return per
+
+        for name, per in each_server(catalogue, one, parallel).items():
+            memory[name][n] = per
+    rows = [
+        [name, catalogue[name][1], *(summary(memory[name][n], "{:.1f}") for n in sizes)]
+        for name in catalogue
+    ]
+    print(table(["server", "compression", *(f"{n:,} idle clients" for n in sizes)], rows))
     print()
+    return memory
 
 
-def measure_scale_out(sizes, runs, seconds):
+def measure_scale_out(sizes, args):
     """The same latency table for 1 process and for 2 processes sharing through Redis."""
     binary = shutil.which("redis-server")
     if binary is None:
-        print("Scaling out: skipped, no redis-server (apt-get install redis-server)\n")
-        return
+        print("Scaling out: skipped, no redis-server (apt-get install redis-server).\n")
+        return None
     print("Scaling out: 1 process, or 2 processes sharing one conversation through Redis.")
     print("Nothing pinned: the servers, Redis and 2 load processes share the 2 cores.")
-    print(f"5 messages a second for {seconds:g} s; median of {runs} runs (min-max).\n")
+    print(
+        f"{args.rate:g} messages a second, {args.warmup} of warm-up then {args.messages} timed; "
+        f"median of {args.runs} runs (min-max).\n"
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -335,7 +359,7 @@ def measure_scale_out(sizes, runs, seconds):
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    command = ["3_websocket_broadcast.py", "--port", "0", "--max-clients", "20000"]
+    everything = {}
     try:
         deadline = time.monotonic() + 10
         while True:  # wait until redis-server accepts connections
@@ -347,68 +371,179 @@ def measure_scale_out(sizes, runs, seconds):
                     raise
                 time.sleep(0.05)
         for n in sizes:
-            results = {"1 process": [], "2 processes + Redis": []}
-            for run in range(runs):
-                for name in results:
-                    count = 1 if name == "1 process" else 2
-                    extra = [] if count == 1 else ["--redis", url]
+            modes = {"1 process": 1, "2 processes + Redis": 2}
+
+            def one(name, count, n=n):
+                extra = [] if count == 1 else ["--redis", url]
+                with tempfile.TemporaryFile() as log:
                     servers = []
                     try:
                         for _ in range(count):
-                            servers.append(Server([*command, *extra], cores=None))
-                        cpu0 = sum(s.cpu_seconds() for s in servers)
-                        t0 = time.monotonic()
-                        out = run_loads([s.url for s in servers], n, 5, seconds, True, 2)
-                        cpu = sum(s.cpu_seconds() for s in servers) - cpu0
-                        out["cpu"] = cpu / (time.monotonic() - t0)
-                        results[name].append(out)
+                            servers.append(Server([*DEMO_COMMAND, *extra], cores=None, log=log))
+                        return run_loads(
+                            servers, n, args.rate, args.warmup, args.messages, True, 2, False
+                        )
                     finally:
                         for server in servers:
                             server.stop()
-                print(f"  {n} clients: run {run + 1}/{runs} done", file=sys.stderr)
-            print_latency_table(f"{n:,} clients, 5 messages a second, latency in ms", results)
+
+            results = {name: [] for name in modes}
+            for run in range(args.runs):
+                for name, out in each_server(modes, one, args.quick).items():
+                    results[name].append(out)
+                print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
+            print_latency_table(f"{n:,} clients, latency in ms", results)
+            print()
+            everything[n] = results
     finally:
         redis.terminate()
         redis.wait()
+    return everything
+
+
+# --- Charts: where a reader would rather look than read. ---
+
+
+def style(name):
+    if name.startswith(("3_", "1 process")):
+        return {"color": "#d62728", "linewidth": 2.5, "marker": "o"}
+    if name.startswith(("Node", "2 processes")):
+        return {"color": "#2ca02c", "linewidth": 2.5, "marker": "s"}
+    dashed = "deflate" in name
+    return {"linewidth": 1.2, "marker": ".", "linestyle": "--" if dashed else "-"}
+
+
+def chart_lines(everything, key, ylabel, title, directory, filename):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    sizes = sorted(everything)
+    for name in everything[sizes[0]]:
+        values = [[o[key] for o in everything[n][name]] for n in sizes]
+        mid = [median(v) for v in values]
+        err = [
+            [m - min(v) for m, v in zip(mid, values, strict=True)],
+            [max(v) - m for m, v in zip(mid, values, strict=True)],
+        ]
+        ax.errorbar(sizes, mid, yerr=err, label=name, capsize=3, **style(name))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(plt.NullLocator())  # only the sizes measured
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.set_xlabel("clients")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save(fig, directory, filename)
+
+
+def chart_memory(memory, directory):
+    plt = pyplot()
+    names = list(memory)[::-1]
+    sizes = sorted(next(iter(memory.values())))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    height = 0.8 / len(sizes)
+    for i, n in enumerate(sizes):
+        mid = [median(memory[name][n]) for name in names]
+        ys = [k + i * height for k in range(len(names))]
+        ax.barh(ys, mid, height=height, label=f"{n:,} idle clients")
+    ax.set_yticks([k + height * (len(sizes) - 1) / 2 for k in range(len(names))], names)
+    ax.set_xlabel("KiB of resident memory per connection (median)")
+    ax.set_title("Memory per idle connection")
+    ax.legend(fontsize=8)
+    save(fig, directory, "bench-memory.png")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
-    parser.add_argument("--quick", action="store_true", help="tiny numbers: a smoke test")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=10, help="messages a second (default 10)")
+    parser.add_argument("--messages", type=int, default=50, help="timed messages (default 50)")
+    parser.add_argument("--warmup", type=int, default=10, help="messages before the timing")
+    parser.add_argument("--sizes", type=int, nargs="+", help="clients (default 100 1000 5000)")
+    parser.add_argument("--memory-runs", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2, help="receiver processes (default 2)")
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="servers whose name has WORD")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument("--charts", metavar="DIR", help="where to write the PNGs (default: docs)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny numbers, all at once: a smoke test"
+    )
     parser.add_argument(
         "--scale-out", action="store_true", help="compare 1 process with 2 through Redis"
     )
-    parser.add_argument("--receive", nargs=6, help=argparse.SUPPRESS)
-    parser.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--idle", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--receive", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--send", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--idle", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    raise_file_limit()
     if args.receive:
-        urls, n, kind, everyone, total, seconds = args.receive
+        urls, n, events, everyone, warmup, total, timeout = args.receive
         asyncio.run(
             receive(
-                urls.split(","), int(n), kind == "ours", int(everyone), int(total), float(seconds)
+                urls.split(","),
+                int(n),
+                events == "1",
+                int(everyone),
+                int(warmup),
+                int(total),
+                float(timeout),
             )
         )
         return
     if args.send:
-        asyncio.run(send(args.send[0], float(args.send[1]), int(args.send[2])))
+        url, rate, warmup, total = args.send
+        asyncio.run(send(url, float(rate), int(warmup), int(total)))
         return
     if args.idle:
-        asyncio.run(idle(args.idle[0], int(args.idle[1])))
+        url, n, events, pause = args.idle
+        asyncio.run(idle(url, int(n), events == "1", float(pause)))
         return
     if args.quick:
-        args.runs, args.seconds, args.sizes = 1, 1, [20]
+        args.runs, args.memory_runs, args.rate, args.messages, args.warmup = 1, 1, 50, 3, 1
+        args.processes = 1
+        args.sizes = args.sizes or [20]
+    charts = args.charts or (None if args.quick else ROOT / "docs")
     if args.scale_out:
-        sizes = args.sizes if args.quick else [5000, 10000]
-        print(f"Broadcast benchmark, scaling out; {machine()}\n")
-        measure_scale_out(sizes, args.runs, args.seconds)
+        print(f"Broadcast benchmark, scaling out; {versions()}\n")
+        everything = measure_scale_out(args.sizes or [5000, 10000], args)
+        if charts and everything:
+            chart_lines(
+                everything,
+                "p99",
+                "p99 latency, ms (median, min-max)",
+                "One process, or two sharing through Redis",
+                charts,
+                "bench-scale-out.png",
+            )
         return
-    print(f"Broadcast benchmark; {machine()}\n")
-    measure_latency(args.sizes, args.runs, args.seconds)
-    measure_memory([n for n in args.sizes if n >= 1000] or args.sizes, args.runs)
+    sizes = args.sizes or [100, 1000, 5000]
+    catalogue = latency_servers()
+    if args.only:
+        catalogue = {k: v for k, v in catalogue.items() if any(w in k for w in args.only)}
+    print(f"Broadcast benchmark; {versions()}\n")
+    everything = measure_latency(catalogue, sizes, args)
+    if args.no_memory:
+        return
+    memory_sizes = [n for n in sizes if n >= 1000] or sizes
+    memory = measure_memory(memory_servers(catalogue), memory_sizes, args.memory_runs, args.quick)
+    if charts:
+        chart_lines(
+            everything,
+            "p99",
+            "p99 delivery latency, ms (median, min-max)",
+            "Broadcast: p99 latency against clients",
+            charts,
+            "bench-broadcast-p99.png",
+        )
+        chart_lines(
+            everything,
+            "cpu_us",
+            "server CPU µs per delivered message",
+            "Broadcast: server CPU per delivered message",
+            charts,
+            "bench-broadcast-cpu.png",
+        )
+        chart_memory(memory, charts)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""What the benchmarks share: start a server, pin processes to cores, summarise runs."""
+"""What the benchmarks share: start servers, pin processes to cores, compare runs, draw."""
 
+import functools
 import json
 import os
+import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "bench" / ".node"  # where the bench installs ws (ignored by git)
 READY = re.compile(r"Listening on (ws://\S+)")
 SERVER_CORE, CLIENT_CORE = {0}, {1}  # on 2 cores: the server on one, the load on the other
 
@@ -30,17 +35,65 @@ def pin(pid, cores):
         os.sched_setaffinity(pid, cores)
 
 
+def python(*args):
+    return [sys.executable, "-u", *map(str, args)]
+
+
+@functools.cache
+def node_ready():
+    """True if Node and ws are there (ws installed into bench/.node if missing), or why not."""
+    if shutil.which("node") is None:
+        return "Node.js is not installed: install Node.js 18 or later, with npm, to add this row"
+    if not (NODE_DIR / "node_modules" / "ws" / "package.json").exists():
+        npm = shutil.which("npm")
+        NODE_DIR.mkdir(exist_ok=True)
+        command = [npm or "npm", "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"]
+        result = (
+            subprocess.run([*command, "ws@8"], capture_output=True, text=True, timeout=300)
+            if npm
+            else None
+        )
+        if result is None or result.returncode != 0:
+            return f"npm could not install ws: run `npm install --prefix {NODE_DIR} ws@8`"
+    return True
+
+
+def node_ws(mode):
+    """The command that starts Node's ws reference, or None (and one sentence) without Node."""
+    ready = node_ready()
+    if ready is not True:
+        print(f"Node ws: skipped ({ready}).\n")
+        return None
+    return ["node", str(ROOT / "bench" / "ws_server.js"), mode]
+
+
+def versions():
+    """The machine and the software measured, for the first line of every table."""
+    import websockets
+
+    found = [
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        f"Python {platform.python_version()}",
+        f"websockets {websockets.__version__}",
+    ]
+    ws = NODE_DIR / "node_modules" / "ws" / "package.json"
+    if shutil.which("node") and ws.exists():
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+        found.append(f"Node {node.strip()}, ws {json.loads(ws.read_text())['version']}")
+    return ", ".join(found)
+
+
 class Server:
     """A server in a subprocess, pinned to its core, its output drained all the time."""
 
-    def __init__(self, command, cores=SERVER_CORE):
+    def __init__(self, command, cores=SERVER_CORE, log=None):
         raise_file_limit()
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", *command],
+            command,
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=log or subprocess.DEVNULL,  # log: a real file, to measure what logging costs
             text=True,
         )
         if cores:
@@ -55,6 +108,7 @@ class Server:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def cpu_seconds(self):
+        """CPU time of all the server's threads (to 10 ms: time the window long enough)."""
         times = psutil.Process(self.proc.pid).cpu_times()
         return times.user + times.system
 
@@ -76,25 +130,72 @@ class Server:
         self.stop()
 
 
-def run_load(script, *args, timeout=600):
-    """Run a load generator in its own process, pinned to the client core; return its JSON."""
-    proc = subprocess.Popen(
+def spawn(script, *args, pinned=True):
+    """A load process on the client core, talking JSON lines over its stdin and stdout."""
+    return subprocess.Popen(
         [sys.executable, str(script), *map(str, args)],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: pin(0, CLIENT_CORE),
+        preexec_fn=(lambda: pin(0, CLIENT_CORE)) if pinned else None,
     )
-    out, _ = proc.communicate(timeout=timeout)
+
+
+def read_json(proc):
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(60)
+        raise RuntimeError(f"a load process failed (exit code {proc.returncode})")
+    return json.loads(line)
+
+
+def tell(proc, word):
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+
+
+def finish(proc):
+    """Let a load process close its connections and exit; it must exit with 0."""
+    proc.communicate(timeout=120)
     if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed ({proc.returncode})")
-    return json.loads(out.strip().splitlines()[-1])
+        raise RuntimeError(f"a load process failed (exit code {proc.returncode})")
+
+
+def each_server(catalogue, work, parallel):
+    """{name: work(name, entry)}: one after the other, or (--quick) all at once."""
+    if not parallel:
+        return {name: work(name, entry) for name, entry in catalogue.items()}
+    with ThreadPoolExecutor(len(catalogue)) as pool:
+        futures = {name: pool.submit(work, name, entry) for name, entry in catalogue.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
 
 
 def summary(values, fmt="{:,.0f}"):
     """Median and spread (min-max) of the runs."""
-    median = statistics.median(values)
-    return f"{fmt.format(median)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    if not values:
+        return "-"
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return f"{fmt.format(median(values))} ({low}-{high})"
+
+
+def compare(ours, theirs, lower_is_better=True):
+    """The ratio of the medians, with the run-to-run spread; a win only if ranges don't overlap."""
+    if not (min(ours) > 0 and min(theirs) > 0):
+        return "n/a (too short to measure)"
+    ratio = median(ours) / median(theirs)
+    apart_low, apart_high = max(ours) < min(theirs), min(ours) > max(theirs)
+    if apart_low or apart_high:
+        verdict = "better" if apart_low == lower_is_better else "worse"
+        verdict += ", ranges apart"
+    else:
+        verdict = "ranges overlap: no winner"
+    spread = f"{min(ours) / max(theirs):.2f}-{max(ours) / min(theirs):.2f}"
+    return f"{ratio:.2f}x (min-max {spread}; {verdict})"
 
 
 def table(headers, rows):
@@ -105,13 +206,21 @@ def table(headers, rows):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def machine():
-    import platform
+def pyplot():
+    """matplotlib without a display (a dev requirement: pip install -r requirements-dev.txt)."""
+    import matplotlib
 
-    import websockets
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, websockets {websockets.__version__}, "
-        f"{platform.system()} {platform.release()}"
-    )
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 10, "axes.grid": True})
+    plt.rcParams.update({"grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def save(fig, directory, name):
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -1,7 +1,9 @@
 """Reference servers for the benchmarks: measuring sticks, not code to copy.
 
-Run: python bench/servers.py NAME [--port PORT]   (NAME: see SERVERS below)
+Run: python bench/servers.py NAME [--port PORT] [--deflate]   (NAME: see SERVERS below)
 Each prints the same ready line as the demos, so the benchmarks start them alike.
+Compression is off, as in the demos, unless --deflate keeps the library's default
+(permessage-deflate), so that a comparison with the demos compares code with code.
 """
 
 import argparse
@@ -16,13 +18,13 @@ CLIENTS = set()
 
 
 async def bare_echo(websocket):
-    """The library's own echo, default settings."""
+    """The library's own echo."""
     async for message in websocket:
         await websocket.send(message)
 
 
 async def bare_broadcast(websocket):
-    """websockets' broadcast() with no application logic, default settings."""
+    """websockets' broadcast() with no application logic."""
     CLIENTS.add(websocket)
     try:
         async for message in websocket:
@@ -85,14 +87,14 @@ SERVERS = {
 }
 
 
-async def main(name, port):
+async def main(name, port, deflate):
     if name == "raw-tcp-echo":
         server = await asyncio.get_running_loop().create_server(RawEcho, "127.0.0.1", port)
-    elif name == "floor":
-        # Compression off, as in the demo, so that only the fan-out differs.
+    elif name == "floor":  # a pre-built frame is never compressed
         server = await serve(floor_probe, "127.0.0.1", port, compression=None)
-    else:  # the library's default settings
-        server = await serve(SERVERS[name], "127.0.0.1", port)
+    else:  # "deflate" is the library's default
+        compression = "deflate" if deflate else None
+        server = await serve(SERVERS[name], "127.0.0.1", port, compression=compression)
     print(
         f"Listening on ws://127.0.0.1:{server.sockets[0].getsockname()[1]} (Ctrl+C to stop)",
         flush=True,
@@ -104,6 +106,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=SERVERS)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--deflate", action="store_true", help="the library's default compression")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.name, args.port))
+        asyncio.run(main(args.name, args.port, args.deflate))
