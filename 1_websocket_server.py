@@ -66,7 +66,7 @@ def check(connection, request, response):
     if response.status_code == 403:  # websockets refused the Origin
         origin = request.headers.get("Origin")
         logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
-    elif response.status_code == 101 and len(connection.server.connections) >= ARGS.max_clients:
+    elif response.status_code == 101 and len(CLIENTS) >= ARGS.max_clients:
         logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
         return connection.respond(503, "Server full.\n")
 

@@ -416,6 +416,8 @@ def style(name):
 def chart_lines(everything, key, ylabel, title, directory, filename):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # Red and green are the demo's and Node's own: the other lines take other colours.
+    ax.set_prop_cycle(color=["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"])
     sizes = sorted(everything)
     for name in everything[sizes[0]]:
         values = [[o[key] for o in everything[n][name]] for n in sizes]
