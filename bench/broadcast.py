@@ -1,6 +1,7 @@
-"""Broadcast benchmark: delivery latency, server CPU, loss and memory of
-3_websocket_broadcast.py against Node's ws and the library's references, at 100, 1,000
-and 5,000 clients; --scale-out: 1 process against 2 sharing through Redis Streams.
+"""Broadcast benchmark: 3_websocket_broadcast.py against Node's ws and the references.
+
+Delivery latency, server CPU, loss and memory at 100, 1,000 and 5,000 clients;
+--scale-out: 1 process against 2 sharing the conversation through Redis Streams.
 
 Run: python bench/broadcast.py       (about 30 minutes; --quick for a smoke run)
 Servers run on one core, the load processes on the other; all on 127.0.0.1.

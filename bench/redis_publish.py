@@ -1,6 +1,7 @@
-"""How fast one --redis process can publish: one XADD per event behind a lock (the first
-design) against the pipelined writer of broadcast_redis.py, with the relay reading every
-message back as a server does.
+"""How fast one --redis process publishes: a lock and one XADD per event, or a pipeline.
+
+The first design sent one XADD per event behind a lock; broadcast_redis.py's writer sends
+whatever is queued in one pipeline. The relay reads every message back, as a server does.
 
 Run: python bench/redis_publish.py        (about 30 s; needs redis-server; --quick: a smoke run)
 """

@@ -283,6 +283,8 @@ def test_echo_page_says_a_message_over_64_kib_was_too_big(start, open_page):
     page = open_page("2_client_echo.html", script.url)
     expect(page.locator("#status")).to_have_attribute("data-state", "open")
     send(page, "x" * 70_000)
+    # The log shows the start of a long message and its length, not a wall of x.
+    expect(page.locator("#log .sent")).to_have_text(re.compile(r"→ x{300}… \(70000 characters\)$"))
     too_big = "The message was too big: the server accepts at most 64 KiB (1009)."
     expect(page.locator("#log .info").nth(1)).to_have_text(re.compile(f"{re.escape(too_big)}$"))
     script.wait_for(
