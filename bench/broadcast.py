@@ -10,9 +10,6 @@ Servers run on one core, the load processes on the other; all on 127.0.0.1.
 import argparse
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ from common import (
     python,
     raise_file_limit,
     read_json,
+    redis_server,
     save,
     spawn,
     summary,
@@ -342,63 +340,47 @@ def measure_memory(catalogue, sizes, runs, parallel):
 
 def measure_scale_out(sizes, args):
     """The same latency table for 1 process and for 2 processes sharing through Redis."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        print("Scaling out: skipped, no redis-server (apt-get install redis-server).\n")
-        return None
+    with redis_server() as url:
+        if url is None:
+            print("Scaling out: skipped, no redis-server (apt-get install redis-server).\n")
+            return None
+        return scale_out(sizes, args, url)
+
+
+def scale_out(sizes, args, url):
+    """Run the scale-out measurement against the Redis at url."""
     print("Scaling out: 1 process, or 2 processes sharing one conversation through Redis.")
     print("Nothing pinned: the servers, Redis and 2 load processes share the 2 cores.")
     print(
         f"{args.rate:g} messages a second, {args.warmup} of warm-up then {args.messages} timed; "
         f"median of {args.runs} runs (min-max).\n"
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    redis = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
     everything = {}
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # wait until redis-server accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        for n in sizes:
-            modes = {"1 process": 1, "2 processes + Redis": 2}
+    for n in sizes:
+        modes = {"1 process": 1, "2 processes + Redis": 2}
 
-            def one(name, count, n=n):
-                extra = [] if count == 1 else ["--redis", url]
-                with tempfile.TemporaryFile() as log:
-                    servers = []
-                    try:
-                        for _ in range(count):
-                            servers.append(Server([*DEMO_COMMAND, *extra], cores=None, log=log))
-                        return run_loads(
-                            servers, n, args.rate, args.warmup, args.messages, True, 2, False
-                        )
-                    finally:
-                        for server in servers:
-                            server.stop()
+        def one(name, count, n=n):
+            extra = [] if count == 1 else ["--redis", url]
+            with tempfile.TemporaryFile() as log:
+                servers = []
+                try:
+                    for _ in range(count):
+                        servers.append(Server([*DEMO_COMMAND, *extra], cores=None, log=log))
+                    return run_loads(
+                        servers, n, args.rate, args.warmup, args.messages, True, 2, False
+                    )
+                finally:
+                    for server in servers:
+                        server.stop()
 
-            results = {name: [] for name in modes}
-            for run in range(args.runs):
-                for name, out in each_server(modes, one, args.quick).items():
-                    results[name].append(out)
-                print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
-            print_latency_table(f"{n:,} clients, latency in ms", results)
-            print()
-            everything[n] = results
-    finally:
-        redis.terminate()
-        redis.wait()
+        results = {name: [] for name in modes}
+        for run in range(args.runs):
+            for name, out in each_server(modes, one, args.quick).items():
+                results[name].append(out)
+            print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
+        print_latency_table(f"{n:,} clients, latency in ms", results)
+        print()
+        everything[n] = results
     return everything
 
 

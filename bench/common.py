@@ -1,5 +1,6 @@
 """What the benchmarks share: start servers, pin processes to cores, compare runs, draw."""
 
+import contextlib
 import functools
 import json
 import os
@@ -7,10 +8,12 @@ import platform
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,3 +227,32 @@ def save(fig, directory, name):
     fig.tight_layout()
     fig.savefig(path)
     print(f"chart: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+@contextlib.contextmanager
+def redis_server():
+    """A throwaway redis-server on a free port, persistence off: yields its URL, or None
+    when redis-server is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    redis = subprocess.Popen([*command, "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until redis-server accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.terminate()
+        redis.wait()

@@ -8,14 +8,11 @@ Run: python bench/redis_publish.py        (about 30 s; needs redis-server; --qui
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-from common import ROOT
+from common import ROOT, redis_server
 
 sys.path.insert(0, str(ROOT))
 import broadcast_redis  # the module next to the scripts, found through ROOT
@@ -64,26 +61,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small run: a smoke test")
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("This benchmark needs redis-server (Debian/Ubuntu: apt-get install redis-server).")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    redis = subprocess.Popen([*command, "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
     runs, total = (1, 100) if args.quick else (3, 3000)
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # until redis-server accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with redis_server() as url:
+        if url is None:
+            sys.exit(
+                "This benchmark needs redis-server (Debian/Ubuntu: apt-get install redis-server)."
+            )
         print(f"Events published and read back per second; median of {runs} runs (min-max)\n")
         print("senders | one XADD per event, behind a lock | the pipelined writer")
         print("------- | --------------------------------- | --------------------------")
@@ -95,9 +78,6 @@ def main():
                 median = statistics.median(rates)
                 cells.append(f"{median:,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f})")
             print(f"{senders:>7,} | {cells[0]:<33} | {cells[1]}")
-    finally:
-        redis.terminate()
-        redis.wait()
 
 
 if __name__ == "__main__":

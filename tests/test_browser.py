@@ -315,6 +315,15 @@ def conversation(page):
     return [line.replace(" (you)", "") for line in log_lines(page, ".message")]
 
 
+def talk_while_away(away, talker, texts):
+    """Disconnect one page while another says texts; return them as the pages show them."""
+    away.click("#connect")  # Disconnect
+    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
+    for text in texts:
+        send(talker, text)
+    return [f"{talker.locator('#me').text_content()}: {text}" for text in texts]
+
+
 def send(page, text):
     page.fill("#message", text)
     page.press("#message", "Enter")
@@ -393,11 +402,7 @@ def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page)
     expect(away.locator("#me")).to_have_text("#2")
     send(talker, "Anyone here?")
     expect(away.locator("#log .message")).to_have_count(1)
-    away.click("#connect")  # Disconnect
-    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
-    missed = [f"#1: missed {n}" for n in range(1, 4)]
-    for text in missed:
-        send(talker, text.removeprefix("#1: "))
+    missed = talk_while_away(away, talker, [f"missed {n}" for n in range(1, 4)])
     expect(talker.locator("#log .message")).to_have_count(4)
     away.click("#connect")  # Connect: with ?since= the id of "Anyone here?"
     expect(away.locator("#me")).to_have_text("#3")
@@ -489,11 +494,7 @@ def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page
 
     # The first page goes away while the second talks: it catches up through Redis too.
     away, talker = pages
-    away.click("#connect")  # Disconnect
-    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
-    missed = [f"#2: while you were away {n}" for n in range(1, 4)]
-    for text in missed:
-        send(talker, text.removeprefix("#2: "))
+    missed = talk_while_away(away, talker, [f"while you were away {n}" for n in range(1, 4)])
     expect(talker.locator("#log .message")).to_have_count(5)
     away.click("#connect")
     expect(away.locator("#log .message")).to_have_count(5)
