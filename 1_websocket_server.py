@@ -7,6 +7,7 @@ Connect:   python -m websockets ws://localhost:8765   (in a second terminal)
 import argparse
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -56,9 +57,9 @@ def health(connection, request):
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
 SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-# Programs (no Origin), pages from disk ("null") or this machine; other web sites could
-# use a visitor's browser to talk to this server (Cross-Site WebSocket Hijacking).
+# Programs (no Origin), pages from disk ("null") or this machine: other sites could hijack it.
 ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")]
+IN_USE = "it is already in use. Another demo still running? Stop it with Ctrl+C, or use --port {}"
 
 
 def check(connection, request, response):
@@ -72,24 +73,28 @@ def check(connection, request, response):
 
 
 async def main():
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C is KeyboardInterrupt
+            asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
             port = probe.getsockname()[1]
         settings = dict(origins=ORIGINS + ARGS.allow_origin, process_response=check, **SETTINGS)
         server = await serve(handler, ARGS.host, port, process_request=health, **settings)
-    except OSError as exc:  # "Address already in use": is the server running already?
-        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
+    except OSError as exc:  # most often the port is taken: by a demo still running?
+        why = IN_USE.format(ARGS.port + 1) if exc.errno == errno.EADDRINUSE else exc.strerror
+        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {why}.")
     host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
     print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM, only Ctrl+C
-        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as Ctrl+C
     try:
         await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
     finally:
         server.close()  # every client gets close code 1001 (going away)
-        for websocket in server.connections:  # close() waits on drain() with no limit:
-            loop.call_later(TIMEOUT, websocket.transport.abort)  # cut off clients not reading
+        connections = list(server.connections)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # or a second Ctrl+C
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        for websocket in connections:  # close() waits on drain() with no limit:
+            websocket.transport.abort()  # cut off the clients that are not reading
         await server.wait_closed()
 
 
@@ -106,6 +111,7 @@ if __name__ == "__main__":
         parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
     if ARGS.host not in ("localhost", "127.0.0.1", "::1"):
         print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
+        ORIGINS.remove("null")  # there, "null" may be any web site in a sandboxed frame
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up

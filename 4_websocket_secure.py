@@ -15,6 +15,7 @@ address that the server prints: 4_client_secure.html?token=...
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import itertools
 import json
@@ -32,7 +33,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-AUTHENTICATED = set()  # connections that gave the right token: only these count as clients
+AUTHENTICATED = set()  # connections that gave the right token
 CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in the order they are let in
 AUTH_TIMEOUT = 5  # seconds a new connection has to send its token
 MESSAGES = logging.getLogger("messages")  # one line per message; --quiet turns it off
@@ -46,9 +47,6 @@ async def handler(websocket):
         if problem := await authenticate(websocket):
             logging.warning("refused a client from %s: %s", address, problem)
             return await websocket.close(CloseCode.POLICY_VIOLATION, problem)
-        if len(AUTHENTICATED) >= ARGS.max_clients:  # others got in while it authenticated
-            logging.warning("refused a client from %s: server full", address)
-            return await websocket.close(CloseCode.TRY_AGAIN_LATER, "server full")
         await echo(websocket, address)
     except ConnectionClosed:
         pass  # it left, maybe in the middle of a send(): normal on networks
@@ -62,14 +60,15 @@ async def authenticate(websocket):
             event = json.loads(await websocket.recv())
     except TimeoutError:
         return "authentication timeout"
-    except ValueError:  # not JSON, or binary that is not even UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested a million deep
         event = None
     token = event.get("token") if isinstance(event, dict) and event.get("type") == "auth" else None
     if not isinstance(token, str):
         return "authentication required"
     # compare_digest() takes as long wherever the first wrong character is: nobody can
     # guess the token one character at a time by timing the answers.
-    if not hmac.compare_digest(token.encode(), TOKEN.encode()):
+    # "surrogatepass": a lone "\ud800" in JSON is a str that plain encode() refuses.
+    if not hmac.compare_digest(token.encode(errors="surrogatepass"), TOKEN.encode()):
         return "invalid token"
     return None
 
@@ -96,6 +95,8 @@ def certificate_page(connection, request):
     """A plain visit to https://localhost:8443/: where a browser accepts the certificate."""
     if request.path != "/" or "Upgrade" in request.headers:
         return None  # a WebSocket handshake (or another path): as usual
+    if not TLS:  # plain http:// has no certificate to accept
+        return connection.respond(200, "No TLS here (no --certfile): open 4_client_secure.html")
     return connection.respond(200, "This certificate is accepted; now open 4_client_secure.html")
 
 
@@ -104,9 +105,9 @@ def certificate_page(connection, request):
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
 SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-# Programs (no Origin), pages from disk ("null") or this machine; other web sites could
-# use a visitor's browser to talk to this server (Cross-Site WebSocket Hijacking).
+# Programs (no Origin), pages from disk ("null") or this machine: other sites could hijack it.
 ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")]
+IN_USE = "it is already in use. Another demo still running? Stop it with Ctrl+C, or use --port {}"
 
 
 def check(connection, request, response):
@@ -114,7 +115,8 @@ def check(connection, request, response):
     if response.status_code == 403:  # websockets refused the Origin
         origin = request.headers.get("Origin")
         logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
-    elif response.status_code == 101 and len(AUTHENTICATED) >= ARGS.max_clients:
+    # Count connections still sending their token too: idle sockets cannot pile up.
+    elif response.status_code == 101 and len(connection.server.connections) >= ARGS.max_clients:
         logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
         return connection.respond(503, "Server full.\n")
 
@@ -136,29 +138,33 @@ def tls_context():
 
 
 async def main():
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C is KeyboardInterrupt
+            asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
             port = probe.getsockname()[1]
         origins = ORIGINS + ARGS.allow_origin
         hooks = dict(origins=origins, process_request=certificate_page, process_response=check)
         server = await serve(handler, ARGS.host, port, ssl=TLS, **hooks, **SETTINGS)
-    except OSError as exc:  # "Address already in use": is the server running already?
-        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {exc.strerror}.")
+    except OSError as exc:  # most often the port is taken: by a demo still running?
+        why = IN_USE.format(ARGS.port + 1) if exc.errno == errno.EADDRINUSE else exc.strerror
+        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {why}.")
     host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
     url = f"{'wss' if TLS else 'ws'}://{host}:{port}"
     if not ARGS.token:  # the only line that ever shows the token
         page = Path(__file__).with_name("4_client_secure.html").as_uri() + f"?token={TOKEN}"
         print(f"Open {page}{'' if url == 'wss://localhost:8443' else f'&url={url}'}", flush=True)
     print(f"Listening on {url} (Ctrl+C to stop)", flush=True)
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError):  # Windows has no SIGTERM, only Ctrl+C
-        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as Ctrl+C
     try:
         await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
     finally:
         server.close()  # every client gets close code 1001 (going away)
-        for websocket in server.connections:  # close() waits on drain() with no limit:
-            loop.call_later(TIMEOUT, websocket.transport.abort)  # cut off clients not reading
+        connections = list(server.connections)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # or a second Ctrl+C
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        for websocket in connections:  # close() waits on drain() with no limit:
+            websocket.transport.abort()  # cut off the clients that are not reading
         await server.wait_closed()
 
 
@@ -188,6 +194,7 @@ if __name__ == "__main__":
         parser.error(f"--host {ARGS.host} needs --certfile and --keyfile (TLS)")
     if not loopback:
         print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
+        ORIGINS.remove("null")  # there, "null" may be any web site in a sandboxed frame
     if not ARGS.certfile:
         why = "tokens cross the wire in clear text (ws://); --help shows how to make a certificate"
         print(f"Warning: without --certfile and --keyfile, {why}.", file=sys.stderr)

@@ -1,105 +1,197 @@
 """Scale-out for 3_websocket_broadcast.py: several processes, one conversation, through Redis.
 
-Used only with `--redis URL` (docs/scaling-out.md explains the design). Each process
-appends what its clients say to a Redis Stream and delivers what it reads back, its own
-messages included, so every client of every process sees one order. Stream entry ids
-are the message ids, and the stream keeps the history: a process that loses Redis for a
-while resumes after the last entry it delivered, and one that starts loads the history.
+Used only with `--redis URL` (docs/scaling-out.md explains the design and what each fault
+does). Each process appends what its clients say to a Redis Stream and delivers what it
+reads back, its own messages included, so every client of every process sees one order.
+Stream entry ids are the message ids, and the stream keeps the history: a process that
+loses Redis for a while resumes after the last entry it delivered, and one that starts
+loads the history. Nothing here promises more than it knows: a hole in what a process
+read is never offered as a complete catch-up, and a message whose write timed out is
+neither reported as lost nor delivered twice.
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import sys
+import time
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+try:
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as Unreachable
+    from redis.exceptions import RedisError, ResponseError
+    from redis.exceptions import TimeoutError as NoAnswer
+except ModuleNotFoundError:  # one sentence, as for every other mistake
+    sys.exit("--redis needs the redis package: pip install redis")
 
 MESSAGES = "broadcast:messages"  # a stream of what clients said: the history
 PRESENCE = "broadcast:presence"  # a stream of arrivals, departures and heartbeats
 COUNTER = "broadcast:client-numbers"  # client numbers, unique across processes
+BORN = "broadcast:client-numbers-born"  # when the counter was (re)made, by Redis's clock
 KEEP = 1000  # entries each stream keeps at least, so a process that lags finds them
+COUNT = 500  # entries one read takes at most: a process far behind catches up in steps
 HEARTBEAT = 2  # seconds between "I'm alive, with these clients" entries
 SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as gone
+GRACE = 1.5  # seconds a new counter waits before numbering: running processes lift it first
+TIMEOUT = 5  # seconds for any Redis command, and for start-up and stop
 UNAVAILABLE = "broadcast unavailable: Redis is unreachable, try again soon"
-# After a Redis restart the counter starts again at 0: lift it above every number in use.
+
+# After a Redis restart without persistence the counter starts again at 0: every process,
+# when it (re)connects, lifts it above every number it knows to be in use, and notes when a
+# missing counter was made again.
 LIFT_COUNTER = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+    local now = redis.call('TIME')
+    redis.call('SET', KEYS[2], now[1] * 1000 + math.floor(now[2] / 1000))
+end
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
     redis.call('SET', KEYS[1], ARGV[1])
 end"""
+# A number, or 0 during the grace after the counter was made again: a process that was
+# running before the restart may not have lifted it yet, and a number could repeat.
+NEXT_NUMBER = """
+local now = redis.call('TIME')
+now = now[1] * 1000 + math.floor(now[2] / 1000)
+local born = tonumber(redis.call('GET', KEYS[2]) or now)
+if now - born < tonumber(ARGV[1]) then return 0 end
+return redis.call('INCR', KEYS[1])"""
 
 
-async def start(url, history, deliver, clients, timeout):
+async def start(url, history, deliver, clients):
     """Connect, check that Redis does all we need, load the history; or exit in one sentence."""
-    conversation = Conversation(url, history, deliver, clients, timeout)
+    conversation = Conversation(url, history, deliver, clients)
     try:
-        await conversation.prepare()
-    except (RedisError, OSError, ValueError) as exc:
-        why = str(exc).rstrip(".")
+        async with asyncio.timeout(3 * TIMEOUT):
+            await conversation.prepare()
+    except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
+        why = str(exc).rstrip(".") or "it does not answer"
         sys.exit(f"Cannot use Redis at {url}: {why}. Check Redis, or run without --redis.")
     logging.info("sharing the conversation through Redis at %s", url)
     return conversation
 
 
+def stream_id(text):
+    """A stream entry id as numbers that sort as Redis sorts them, or None if it is not one."""
+    try:
+        ms, _, seq = str(text).partition("-")
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
 class Conversation:
     """The same interface as the local Conversation in 3_websocket_broadcast.py."""
 
-    def __init__(self, url, history, deliver, clients, timeout):
-        # No retries inside redis-py: a retried XADD could add a message twice, and
-        # relay() already retries, with backoff, what failed.
+    def __init__(self, url, history, deliver, clients):
+        # No retries inside redis-py: a retried XADD could add a message twice; this
+        # module retries a message itself, with the same uid, and delivers it once.
         self.redis = redis.from_url(
-            url, socket_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0)
+            url, socket_timeout=TIMEOUT, decode_responses=True, retry=Retry(NoBackoff(), 0)
         )
         self.history, self.deliver, self.clients = history, deliver, clients
         # Unique even if two containers share a host name and a process id.
         self.server = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.others = {}  # another process -> (its client numbers, when last heard)
-        self.last = {MESSAGES: "0-0", PRESENCE: "$"}  # the last entry delivered from each
+        self.last = {MESSAGES: "0-0", PRESENCE: "$"}  # the last entry read from each
+        self.seen = collections.OrderedDict()  # uids of the latest messages delivered
         self.outbox = asyncio.Queue()  # commands for the next pipeline
+        self.retry = []  # message writes that timed out: sent again, same uid, once back
+        self.read = asyncio.Condition()  # notified after each read: new_client() waits on it
         self.stopping = asyncio.Event()  # set by close()
-        self.available = False  # True while Redis answers
+        self.connected = False  # True while Redis answers
+        self.arriving = 0  # clients waiting for a number: check() counts them already
         self.tasks = []
 
+    @property
+    def available(self):
+        """Whether this process can serve a client: Redis answers and the reader runs."""
+        return self.connected and bool(self.tasks) and not self.tasks[0].done()
+
     async def prepare(self):
-        """Run every command once, load the history, then relay, write and beat."""
+        """Run every command once, load the history, then read, write and beat."""
         await self.redis.ping()
         await self.lift_counter()
-        await self.redis.incrby(COUNTER, 0)
-        size = self.history.messages.maxlen
-        for entry_id, fields in reversed(await self.redis.xrevrange(MESSAGES, count=size + 1)):
-            if event := self.parse(MESSAGES, entry_id, fields):
-                self.history.add(event)
-            self.last[MESSAGES] = entry_id
+        await self.load_history()
         newest = await self.redis.xrevrange(PRESENCE, count=1)
         self.last[PRESENCE] = newest[0][0] if newest else "0-0"
         await self.redis.xadd(PRESENCE, self.entry(self.heartbeat_event()), maxlen=KEEP)
         await self.redis.xread(self.last, count=1)
-        self.available = True
+        self.connected = True
         for work in (self.relay, self.write, self.beat):
             self.tasks.append(asyncio.create_task(work()))
+        self.tasks[0].add_done_callback(self.reader_ended)
+
+    async def load_history(self):
+        """The latest messages of the stream, read newest first in pages of COUNT."""
+        self.history.known = self.history.latest = "0-0"  # the stream's ids, from its start
+        try:
+            info = await self.redis.xinfo_stream(MESSAGES)
+        except ResponseError as exc:
+            if "no such key" not in str(exc):
+                raise
+            return  # no such stream yet: nothing was ever said
+        entries, upto, wanted = [], "+", self.history.size + 1
+        while len(entries) < wanted:
+            count = min(COUNT, wanted - len(entries))
+            page = await self.redis.xrevrange(MESSAGES, upto, "-", count=count)
+            entries += page
+            if len(page) < count:
+                break
+            upto = f"({page[-1][0]}"  # "(": before the oldest of this page
+        self.last[MESSAGES] = entries[0][0] if entries else info["last-generated-id"]
+        if len(entries) == wanted or info["entries-added"] > info["length"]:  # some are gone:
+            self.history.known = entries.pop()[0] if entries else self.last[MESSAGES]
+        self.history.latest = self.history.known  # until a message is added
+        for entry_id, fields in reversed(entries):
+            if event := self.message(entry_id, fields):
+                self.history.add(event)
 
     # The interface the handler uses.
 
-    async def client_number(self):
-        """A number unique across processes, or None if Redis is unreachable."""
+    async def new_client(self, websocket, since):
+        """A number unique across processes; and once this process has read up to `since`.
+
+        A client whose process died may reach this one before it read the last message
+        the client saw: that `since` is not unknown, only not read yet. Wait for it."""
+        self.arriving += 1
         try:
-            return await self.run("incrby", COUNTER, 1)
-        except RedisError as exc:
+            number = 0
+            async with asyncio.timeout(TIMEOUT):
+                while not number:  # 0: within the grace after a Redis restart
+                    number = await self.run("eval", NEXT_NUMBER, 2, COUNTER, BORN, GRACE * 1000)
+                    if not number:
+                        await asyncio.sleep(0.1)
+            if target := stream_id(since):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TIMEOUT), self.read:
+                        await self.read.wait_for(lambda: stream_id(self.last[MESSAGES]) >= target)
+        except (RedisError, TimeoutError) as exc:
             logging.warning("refused a client: no client number from Redis (%s)", exc)
-            return None
+            await websocket.close(1013, "broadcast unavailable, try again later")
+            # End the handler as a cancelled task ends: quietly, nothing to clean up.
+            raise asyncio.CancelledError from None
+        finally:
+            self.arriving -= 1
+        return number
 
     async def publish(self, event):
-        """Append an event to its stream; return None, or why it could not be."""
-        stream = MESSAGES if event["type"] == "message" else PRESENCE
+        """Append an event to its stream; return None, or why it was not sent."""
+        if event["type"] != "message":  # presence: best effort, heartbeats correct it
+            if self.connected:
+                self.outbox.put_nowait(("xadd", (PRESENCE, self.entry(event)), KEEP, None))
+            return None
+        event = {**event, "time": time.time_ns() // 1_000_000, "uid": secrets.token_hex(8)}
         try:
-            await self.run("xadd", stream, self.entry(event), maxlen=self.keep(stream))
-        except RedisError as exc:
+            await self.run("xadd", MESSAGES, self.entry(event), message=True)
+        except RedisError as exc:  # Redis refused it, or was known to be away: not written
             logging.warning("cannot write to Redis (%s)", exc)
             return UNAVAILABLE
         return None
@@ -109,98 +201,162 @@ class Conversation:
         return len(self.clients) + sum(len(clients) for clients, _ in self.others.values())
 
     async def close(self):
-        # Stop each task between two Redis commands: redis-py can hang when cancelled
-        # in the middle of one, and so would the process on its way out.
-        relay, write, beat = self.tasks
-        beat.cancel()  # it waits on a timer, or on write()
+        """Stop reading, writing and beating within about a second, whatever Redis does."""
+        self.stopping.set()  # relay() stops after its read
         self.outbox.put_nowait(None)  # write() stops after what it is sending
-        self.stopping.set()  # relay() stops after its XREAD, within 0.5 s
-        await asyncio.gather(relay, write, beat, return_exceptions=True)
-        await self.redis.aclose()
+        self.tasks[2].cancel()  # beat() waits on a timer
+        # redis-py can hang when cancelled in the middle of a command: cancel only
+        # what did not stop by itself, and do not wait on it for long.
+        _, late = await asyncio.wait(self.tasks, timeout=1)
+        for task in late:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self.redis.aclose()
 
     # Writing: one pipeline at a time carries every command waiting, in order.
 
-    async def run(self, command, *args, **kwargs):
+    async def run(self, command, *args, message=False):
         """Run a Redis command in the next pipeline and return its result."""
-        if not self.available:  # don't queue up attempts while Redis is down
-            raise RedisError("Redis is unreachable")
+        if not self.connected:  # don't queue up attempts while Redis is down
+            raise Unreachable("Redis is unreachable")
         done = asyncio.get_running_loop().create_future()
-        self.outbox.put_nowait((command, args, kwargs, done))
+        keep = max(KEEP, self.history.size) if message else None
+        self.outbox.put_nowait((command, args, keep, done))
         return await done
 
     async def write(self):
         """Send everything run() queued, in one pipeline; stop at None, from close()."""
-        stop = False
-        while not stop:
+        while True:
             batch = [await self.outbox.get()]
             while not self.outbox.empty():
                 batch.append(self.outbox.get_nowait())
-            stop = None in batch
-            batch = [item for item in batch if item is not None]
+            if None in batch:
+                return
+            if self.connected:  # writes that timed out go first, in their order
+                batch, self.retry = [*self.retry, *batch], []
             pipe = self.redis.pipeline(transaction=False)
-            for command, args, kwargs, _ in batch:
-                getattr(pipe, command)(*args, **kwargs)
+            for command, args, keep, _ in batch:
+                getattr(pipe, command)(*args, **({"maxlen": keep} if keep else {}))
             try:
-                results = await pipe.execute(raise_on_error=False) if batch else []
+                results = await pipe.execute(raise_on_error=False) if self.connected else []
             except RedisError as exc:
                 results = [exc] * len(batch)
-            for (*_, done), result in zip(batch, results, strict=True):
-                if done.done():  # its sender went away meanwhile
-                    continue
-                if isinstance(result, Exception):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+            results += [Unreachable("Redis is unreachable")] * (len(batch) - len(results))
+            for item, result in zip(batch, results, strict=True):
+                self.settle(item, result)
+
+    def settle(self, item, result):
+        """Hand a command's result to whoever waits; keep a message whose fate is unknown."""
+        command, args, _, done = item
+        uncertain = isinstance(result, Unreachable | NoAnswer)
+        if uncertain and command == "xadd" and args[0] == MESSAGES:
+            # It may have reached Redis, or not: say nothing yet, send it again when Redis
+            # is back, and let relay() deliver its uid once, whichever copy it reads.
+            self.retry.append(item)
+            result = None
+        if done is None or done.done():  # presence, or its sender went away meanwhile
+            return
+        if isinstance(result, Exception):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
 
     # Reading: every entry of both streams, in order, for as long as the process runs.
 
     async def relay(self):
-        """Deliver each new entry; if Redis goes away, retry with backoff, then resume."""
-        delay = 1
+        """Deliver each new entry; if Redis goes away, retry every second or so, then resume."""
         while not self.stopping.is_set():
             try:
-                if not self.available:
+                if not self.connected:
+                    await self.redis.ping()
                     await self.lift_counter()
-                    self.available, delay = True, 1
+                    self.connected = True
+                    self.outbox.put_nowait(("ping", (), None, None))  # write() sends the retries
                     logging.info("Redis is back: relaying the conversation again")
-                for stream, entries in await self.redis.xread(self.last, block=500):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xrange(MESSAGES, self.last[MESSAGES], self.last[MESSAGES])
+                pipe.xrange(MESSAGES, count=1)
+                pipe.xread(self.last, count=COUNT, block=500)
+                here, first, streams = await pipe.execute()
+                if self.last[MESSAGES] != "0-0" and not here:
+                    streams = self.lost_position(first[0][0] if first else None, streams)
+                for stream, entries in streams or []:
                     for entry_id, fields in entries:
                         self.last[stream] = entry_id  # resume after it, whatever happens
-                        if event := self.parse(stream, entry_id, fields):
-                            self.receive(event)
+                        self.receive(stream, entry_id, fields)
+                async with self.read:
+                    self.read.notify_all()
             except (RedisError, OSError) as exc:
-                if self.available:
+                if self.connected:
                     logging.warning("lost Redis (%s); retrying", str(exc).rstrip("."))
-                self.available = False
+                self.connected = False
                 with contextlib.suppress(RedisError, OSError):  # no stale connections after
                     await self.redis.connection_pool.disconnect()
-                with contextlib.suppress(TimeoutError):  # a pause that close() can cut short
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                delay = min(2 * delay, 30)
+                with contextlib.suppress(TimeoutError):  # jitter: processes do not retry at once
+                    await asyncio.wait_for(self.stopping.wait(), random.uniform(0.25, 0.75))
+
+    def lost_position(self, first, streams):
+        """The entry last read is gone: trimmed while this process lagged, or Redis came back
+        empty (restarted without persistence, or a replica that had not got it)."""
+        position = self.last[MESSAGES]
+        logging.warning(
+            "messages after %s may be lost here (the stream was trimmed or restarted): "
+            "clients that come back from before will get the latest and recovered: false",
+            position,
+        )
+        self.history.messages.clear()  # nobody can catch up across the hole
+        self.history.bytes = 0
+        self.history.known = self.history.latest = f"lost-{secrets.token_hex(4)}"
+        if first is None or stream_id(first) < stream_id(position):
+            # Empty, or new ids below the old position (a clock behind): read from the
+            # start, or they would be skipped. What was read above is read again.
+            self.last = {MESSAGES: "0-0", PRESENCE: "0-0"}
+            return []
+        return streams
+
+    def receive(self, stream, entry_id, fields):
+        """Deliver one entry; anything wrong with it is logged with its id and skipped."""
+        try:
+            event = self.parse(stream, entry_id, fields) if stream == PRESENCE else None
+            if event := event or self.message(entry_id, fields):
+                self.dispatch(event)
+        except Exception as exc:  # one bad entry must not stop the reader
+            logging.warning("skipped entry %s of %s (%r): %.200r", entry_id, stream, exc, fields)
+
+    def message(self, entry_id, fields):
+        """The message in an entry, or None if its uid was delivered already (a write sent
+        again after a timeout, or read again after the stream came back)."""
+        event = self.parse(MESSAGES, entry_id, fields)
+        uid = event.pop("uid")
+        if uid in self.seen:
+            return None
+        self.seen[uid] = None
+        while len(self.seen) > 10 * KEEP:
+            self.seen.popitem(last=False)
+        return event
 
     def parse(self, stream, entry_id, fields):
-        """The event in an entry, checked; None (and a log line) if it is malformed."""
-        try:
-            event = json.loads(fields["event"])
-            if stream == MESSAGES:
-                client, text = event["client"], event["text"]
-                if not (isinstance(client, int) and isinstance(text, str)):
-                    raise TypeError("client must be a number, text a string")
-                return {"type": "message", "id": entry_id, "client": client, "text": text}
-            server = str(event["server"])
-            if event["type"] == "heartbeat":
-                clients = set(event["clients"])
-                if not all(isinstance(n, int) for n in clients):
-                    raise TypeError("clients must be numbers")
-                return {"type": "heartbeat", "server": server, "clients": clients}
-            if event["type"] in ("joined", "left") and isinstance(event["client"], int):
-                return {"type": event["type"], "server": server, "client": event["client"]}
-            raise ValueError(f"unknown type {event['type']!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            logging.warning("skipped entry %s of %s (%s): %.200r", entry_id, stream, exc, fields)
-            return None
+        """The event in an entry, checked: it raises if the entry is not what we wrote."""
+        event = json.loads(fields["event"])
+        if stream == MESSAGES:
+            client, text, said = event["client"], event["text"], event.get("time", 0)
+            if not (isinstance(client, int) and isinstance(text, str) and isinstance(said, int)):
+                raise TypeError("client and time must be numbers, text a string")
+            text.encode()  # a lone surrogate could not be sent: refuse it here
+            message = {"type": "message", "id": entry_id, "client": client, "text": text}
+            return {**message, "time": said, "uid": str(event.get("uid", entry_id))}
+        server = str(event["server"])
+        if event["type"] == "heartbeat":
+            clients = set(event["clients"])
+            if not all(isinstance(n, int) for n in clients):
+                raise TypeError("clients must be numbers")
+            return {"type": "heartbeat", "server": server, "clients": clients}
+        if event["type"] in ("joined", "left") and isinstance(event["client"], int):
+            return {"type": event["type"], "server": server, "client": event["client"]}
+        raise ValueError(f"unknown type {event['type']!r}")
 
-    def receive(self, event):
+    def dispatch(self, event):
         """Deliver an event here, and keep count of the other processes' clients."""
         server = event.pop("server", self.server)
         if event["type"] == "heartbeat":
@@ -225,15 +381,23 @@ class Conversation:
         for client in sorted(before - clients):
             self.deliver({"type": "left", "client": client})
 
+    def reader_ended(self, task):
+        """The reader must run for as long as the process does: if it ends, say so loudly."""
+        if self.stopping.is_set():
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        logging.error("the Redis reader stopped (%s): refusing new clients (503)", why)
+        for websocket in list(self.clients):  # they would hear nothing more: send them on
+            websocket.closing = asyncio.ensure_future(websocket.close(1013, "try another server"))
+
     # Heartbeats: who is connected here; forget the processes that went silent.
 
     async def beat(self):
         while True:
             await asyncio.sleep(HEARTBEAT)
-            if self.available:
+            if self.connected:
                 event = self.heartbeat_event()
-                with contextlib.suppress(RedisError):
-                    await self.run("xadd", PRESENCE, self.entry(event), maxlen=KEEP)
+                self.outbox.put_nowait(("xadd", (PRESENCE, self.entry(event)), KEEP, None))
             now = asyncio.get_running_loop().time()
             for server, (clients, heard) in list(self.others.items()):
                 if now - heard > SILENT_LIMIT:  # killed, or cut off from Redis
@@ -247,12 +411,8 @@ class Conversation:
         return {"type": "heartbeat", "clients": sorted(self.clients.values())}
 
     def entry(self, event):
-        return {"event": json.dumps({**event, "server": self.server})}
-
-    def keep(self, stream):
-        """How many entries a stream keeps (about: Redis trims whole blocks of entries)."""
-        return max(KEEP, self.history.messages.maxlen) if stream == MESSAGES else KEEP
+        return {"event": json.dumps({**event, "server": self.server}, ensure_ascii=False)}
 
     async def lift_counter(self):
         known = [*self.clients.values(), *(n for c, _ in self.others.values() for n in c)]
-        await self.redis.eval(LIFT_COUNTER, 1, COUNTER, max(known, default=0))
+        await self.redis.eval(LIFT_COUNTER, 2, COUNTER, BORN, max(known, default=0))

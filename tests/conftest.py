@@ -27,12 +27,14 @@ READY = re.compile(r"Listening on (wss?://\S+) \(Ctrl\+C to stop\)")
 class Script:
     """A numbered script in a subprocess; both pipes are read all the time."""
 
-    def __init__(self, name, *args, wait_ready=True, env=None):
+    def __init__(self, name, *args, wait_ready=True, env=None, code=None):
+        """code: Python that runs the script itself (sys.argv[1] is its path)."""
         self.name = name
         self.lines = []  # (stream, line) in arrival order, stdout and stderr
         self.changed = threading.Condition()
+        launcher = ["-c", code] if code else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(ROOT / name), *args],
+            [sys.executable, "-u", *launcher, str(ROOT / name), *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -209,10 +211,11 @@ def free_port():
 
 
 class RedisServer:
-    """A throwaway redis-server on a free port, persistence off."""
+    """A throwaway redis-server on a free port, persistence off, in a folder of its own:
+    started in the project folder, it would load a dump.rdb left there by another Redis."""
 
-    def __init__(self, binary):
-        self.binary, self.port = binary, free_port()
+    def __init__(self, binary, folder):
+        self.binary, self.port, self.folder = binary, free_port(), str(folder)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
 
@@ -224,6 +227,8 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                "--dir",
+                self.folder,
                 "--save",
                 "",
                 "--appendonly",
@@ -244,8 +249,16 @@ class RedisServer:
         assert ready.wait(10), "redis-server did not start"
 
     def stop(self):
+        self.resume()
         self.proc.terminate()
         self.proc.wait(10)
+
+    def pause(self):
+        """Freeze it, as a stalled or swapped-out Redis: connections stay open, no answers."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
 
 
 def missing(message, required_by):
@@ -256,7 +269,7 @@ def missing(message, required_by):
 
 
 @pytest.fixture
-def redis_server():
+def redis_server(tmp_path):
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if binary is None:
         missing(
@@ -264,7 +277,7 @@ def redis_server():
             "macOS: brew install redis) or set REDIS_SERVER to its path",
             "REQUIRE_REDIS",
         )
-    server = RedisServer(binary)
+    server = RedisServer(binary, tmp_path)
     yield server
     if server.proc.poll() is None:
         server.stop()

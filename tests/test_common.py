@@ -1,11 +1,14 @@
 """What all three scripts promise: start-up, shutdown, origins, limits, mistakes."""
 
 import asyncio
+import contextlib
 import http.client
 import os
 import re
 import signal
+import socket
 import struct
+import time
 
 import pytest
 from conftest import SCRIPTS, Script, assert_clean, client, reset
@@ -67,8 +70,10 @@ def test_port_in_use_is_one_clear_sentence(start, name):
     second = start(name, port=str(first.port), wait_ready=False)
     assert second.wait() not in (0, None)
     error = second.text("stderr")
-    assert f"port {first.port}: Address already in use" in error, error
-    assert len(error.splitlines()) == 1, error
+    assert error == (
+        f"Cannot listen on localhost port {first.port}: it is already in use. Another demo "
+        f"still running? Stop it with Ctrl+C, or use --port {first.port + 1}."
+    ), error
     assert "Traceback" not in second.text()
 
 
@@ -187,6 +192,19 @@ async def test_a_client_that_vanishes_is_removed_quietly(start, name):
     assert_clean(script)
 
 
+async def test_non_loopback_host_refuses_origin_null_unless_allowed(start, name):
+    """On a network, "null" is also any web site's sandboxed frame, not only a file."""
+    script = start(name, "--host", "0.0.0.0")
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(script.url.replace("0.0.0.0", "127.0.0.1"), origin="null"):
+            pass
+    assert refused.value.response.status_code == 403
+    await script.until(r"refused origin 'null'; to allow it: --allow-origin 'null'")
+    allowed = start(name, "--host", "0.0.0.0", "--allow-origin", "null")
+    async with client(allowed.url.replace("0.0.0.0", "127.0.0.1"), origin="null") as ws:
+        assert ws.state.name == "OPEN"
+
+
 async def test_non_loopback_host_prints_a_warning(start, name):
     script = start(name, "--host", "0.0.0.0")
     # stderr is read by its own thread: the warning may come in after the ready line.
@@ -263,3 +281,54 @@ async def test_port_0_gives_one_port_for_ipv4_and_ipv6(start, name, tmp_path):
         async with client(f"ws://{address}:{script.port}") as ws:
             assert ws.state.name == "OPEN"
     await script.until("client #2 connected from ::1")
+
+
+# Started with Ctrl+C ignored, as a shell does for `python script.py &`, or as nohup does.
+IGNORING_SIGINT = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+async def test_sigint_stops_the_script_even_if_the_shell_ignored_it(name):
+    script = Script(name, "--port", "0", code=IGNORING_SIGINT)
+    async with client(script.url) as ws:
+        await script.until("connected from")
+        script.proc.send_signal(signal.SIGINT)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == CloseCode.GOING_AWAY
+    assert await asyncio.to_thread(script.wait) == 0
+    assert_clean(script)
+
+
+def flood_without_reading(port):
+    """A client that sends and never reads: what the server sends back fills its socket,
+    and the server's close() then waits on drain() with no limit."""
+    sock, _ = handshake(port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(2)
+    with contextlib.suppress(OSError):  # until the server stops reading from it too
+        for _ in range(2000):
+            sock.sendall(frame(0x1, b"x" * 60_000))
+    return sock
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["ctrl-c", "ctrl-c-twice"])
+async def test_ctrl_c_stops_in_time_with_a_client_that_does_not_read(start, name, twice):
+    script = start(name, "--quiet") if name.startswith("2_") else start(name)
+    sock = await asyncio.to_thread(flood_without_reading, script.port)
+    async with client(script.url) as watcher:  # tells the test when the shutdown begins
+        t0 = time.monotonic()
+        script.proc.send_signal(signal.SIGINT)
+        if twice:  # a second Ctrl+C during the shutdown: stop now, without a traceback
+            await watcher.wait_closed()
+            script.proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(script.wait, 15) == 0
+    took = time.monotonic() - t0
+    sock.close()
+    assert took < (3 if twice else 5 + 3), took  # TIMEOUT is 5 s
+    assert "Goodbye" in script.text("stdout")
+    assert_clean(script)
