@@ -44,24 +44,22 @@ GRACE = 1.5  # seconds a new counter waits before numbering: running processes l
 TIMEOUT = 5  # seconds for any Redis command, and for start-up and stop
 UNAVAILABLE = "broadcast unavailable: Redis is unreachable, try again soon"
 
-# After a Redis restart without persistence the counter starts again at 0: every process,
-# when it (re)connects, lifts it above every number it knows to be in use, and notes when a
-# missing counter was made again.
-LIFT_COUNTER = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-    local now = redis.call('TIME')
-    redis.call('SET', KEYS[2], now[1] * 1000 + math.floor(now[2] / 1000))
-end
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], ARGV[1])
-end"""
-# A number, or 0 during the grace after the counter was made again: a process that was
-# running before the restart may not have lifted it yet, and a number could repeat.
-NEXT_NUMBER = """
+# Client numbers. After a Redis restart without persistence the counter starts again at
+# 0: each process lifts it above every number it knows to be in use, when it reconnects and
+# with each number it takes. A counter made again hands out no number for GRACE: processes
+# that were running meanwhile reconnect and lift it first, so no number repeats.
+# KEYS: the counter, when it was made (Redis's clock, ms); ARGV: GRACE in ms, the highest
+# number this process knows, 1 to take a number (0: only lift). Returns it, or 0: not yet.
+NUMBERS = """
 local now = redis.call('TIME')
 now = now[1] * 1000 + math.floor(now[2] / 1000)
-local born = tonumber(redis.call('GET', KEYS[2]) or now)
-if now - born < tonumber(ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], now) end
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[1], ARGV[2])
+end
+if ARGV[3] == '0' or now - tonumber(redis.call('GET', KEYS[2])) < tonumber(ARGV[1]) then
+    return 0
+end
 return redis.call('INCR', KEYS[1])"""
 
 
@@ -166,7 +164,7 @@ class Conversation:
             number = 0
             async with asyncio.timeout(TIMEOUT):
                 while not number:  # 0: within the grace after a Redis restart
-                    number = await self.run("eval", NEXT_NUMBER, 2, COUNTER, BORN, GRACE * 1000)
+                    number = await self.run("eval", *self.numbers(take=True))
                     if not number:
                         await asyncio.sleep(0.1)
             if target := stream_id(since):
@@ -281,6 +279,7 @@ class Conversation:
                 here, first, streams = await pipe.execute()
                 if self.last[MESSAGES] != "0-0" and not here:
                     streams = self.lost_position(first[0][0] if first else None, streams)
+                    await self.lift_counter()  # Redis may have restarted empty: so did it
                 for stream, entries in streams or []:
                     for entry_id, fields in entries:
                         self.last[stream] = entry_id  # resume after it, whatever happens
@@ -414,5 +413,9 @@ class Conversation:
         return {"event": json.dumps({**event, "server": self.server}, ensure_ascii=False)}
 
     async def lift_counter(self):
+        await self.redis.eval(*self.numbers(take=False))
+
+    def numbers(self, take):
+        """The arguments of NUMBERS: take a number, or only lift the counter."""
         known = [*self.clients.values(), *(n for c, _ in self.others.values() for n in c)]
-        await self.redis.eval(LIFT_COUNTER, 2, COUNTER, BORN, max(known, default=0))
+        return NUMBERS, 2, COUNTER, BORN, GRACE * 1000, max(known, default=0), int(take)

@@ -8,6 +8,7 @@ Run: python bench/redis_publish.py        (about 30 s; needs redis-server; --qui
 
 import argparse
 import asyncio
+import secrets
 import statistics
 import sys
 import time
@@ -19,10 +20,9 @@ import broadcast_redis  # the module next to the scripts, found through ROOT
 
 
 class History:
-    """The one thing the writer asks of the script's History: its size."""
+    """What the module asks of the script's History: its size, and somewhere to add."""
 
-    class messages:
-        maxlen = 100
+    size, known, latest = 100, None, None
 
     def add(self, event):
         pass
@@ -32,14 +32,14 @@ class Locked(broadcast_redis.Conversation):
     """The first design: one XADD per event, one at a time."""
 
     async def publish(self, event):
-        stream = broadcast_redis.MESSAGES
+        event = {**event, "time": 0, "uid": secrets.token_hex(8)}
         async with self.lock:
-            await self.redis.xadd(stream, self.entry(event), maxlen=self.keep(stream))
+            await self.redis.xadd(broadcast_redis.MESSAGES, self.entry(event), maxlen=1000)
 
 
 async def rate(kind, url, senders, each):
     delivered = []
-    conversation = kind(url, History(), delivered.append, {}, 5)
+    conversation = kind(url, History(), delivered.append, {})
     conversation.lock = asyncio.Lock()
     await conversation.prepare()
 

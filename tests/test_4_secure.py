@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import pytest
 import trustme
@@ -432,7 +433,8 @@ def test_page_with_a_wrong_token_says_so_and_stops_until_connect(start, pki, ope
     page = open_page(f"url={script.url}&token=wrong", clock=True)
     status = page.locator("#status")
     expect(status).to_have_text(
-        "The server refused the token (1008: invalid token). Check it and press Connect."
+        "The server refused the token (1008: invalid token). "
+        "Check it (a restarted server prints a new one) and press Connect."
     )
     expect(status).to_have_attribute("data-state", "closed")
     expect(page.locator("#connect")).to_have_text("Connect")
@@ -453,7 +455,10 @@ def test_page_without_a_token_asks_for_it_and_enter_connects(start, pki, open_pa
     script = run(start, pki)
     page = open_page(f"url={script.url}")
     status = page.locator("#status")
-    expect(status).to_have_text("Type the token that the server printed, then press Connect.")
+    expect(status).to_have_text(
+        "Type the token (the one the server printed, or yours from --token or "
+        "WEBSOCKET_TOKEN), then press Connect."
+    )
     page.fill("#token", TOKEN)
     page.press("#token", "Enter")
     expect(status).to_have_attribute("data-state", "open")
@@ -468,7 +473,8 @@ def test_page_without_server_says_how_to_start_it_and_accept_the_certificate(ope
     expect(status).to_have_attribute("data-state", "closed")
     expect(status).to_contain_text(
         f"Could not connect to the server at wss://localhost:{port} (1006). "
-        f"Start it in a terminal: {START}. If its certificate is new to this browser, "
+        f"Start it in a terminal: {START}, and make the address above match its ready line "
+        "(ws:// without a certificate). If its certificate is new to this browser, "
         f"open https://localhost:{port}/ once and accept it."
     )
     expect(status).to_contain_text(re.compile(r" Retrying in \d\.\d s\.$"))
@@ -501,3 +507,34 @@ def test_page_usable_at_phone_width(start, pki, open_page):
     for control in ("#url", "#token", "#connect", "#message", "#send", "#status", "#log"):
         box = page.locator(control).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 360, (control, box)
+
+
+def test_page_takes_the_token_out_of_its_address(start, pki, open_page):
+    script = run(start, pki)
+    page = open_page(f"url={script.url}&token={TOKEN}")
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    assert TOKEN not in page.url and f"url={script.url}" in unquote(page.url)
+    page.reload()  # the token was read once: a reload asks for it
+    expect(page.locator("#status")).to_contain_text("Type the token")
+    page.go_back()  # replaced, not pushed: the entry before it is the blank page it came from
+    assert page.url == "about:blank"
+
+
+def test_own_disconnect_is_said_as_disconnected(start, pki, open_page):
+    script = run(start, pki)
+    page = open_page(f"url={script.url}&token={TOKEN}")
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_text("Disconnected. Press Connect to connect again.")
+    assert [t.split("  ", 1)[1] for t in page.locator("#log div").all_text_contents()][-1] == (
+        "Disconnected."
+    )
+    script.wait_for(r"client #1 disconnected .*received 1000 \(OK\) user disconnected")
+
+
+def test_certificate_page_over_plain_http_says_there_is_no_tls(start, pki):
+    script = run(start, pki, tls=False)
+    conn = http.client.HTTPConnection("127.0.0.1", script.port, timeout=10)
+    conn.request("GET", "/")
+    body = conn.getresponse().read().decode()
+    assert "No TLS here" in body and "accepted" not in body

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import ROOT, free_port
+from websockets.sync.client import connect
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -117,11 +118,12 @@ def test_page_without_server_says_how_to_start_it_and_retries_slower(open_page, 
     expect(status).to_have_text(
         re.compile(
             rf"^Could not connect to the server at {re.escape(url)} \(1006\)\. "
-            rf"Start it in a terminal: python {re.escape(script_name)}\. "
-            r"Retrying in \d+\.\d s\.$"
+            rf"Start it in a terminal: python {re.escape(script_name)}, or make the address "
+            r"above match its ready line\. Retrying in \d+\.\d s\.$"
         )
     )
     expect(status.locator("code")).to_have_text(f"python {script_name}")
+    expect(page.locator("#connect")).to_have_text("Stop retrying")  # what it does now
     expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#message")).to_be_disabled()
     assert_backoff(retry_delays(page, 5), grows=True)
@@ -411,16 +413,18 @@ def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page)
     assert after_separator(away, "— while you were away —") == missed
     assert conversation(away) == ["#1: Anyone here?", *missed]
 
-    # A reload forgets the page, not the id of the last message: sessionStorage keeps it.
+    # A reload shows again what the tab showed (sessionStorage keeps it), then what it missed.
     away.click("#connect")
     expect(away.locator("#status")).to_have_attribute("data-state", "closed")
     send(talker, "missed 4")
     send(talker, "missed 5")
     expect(talker.locator("#log .message")).to_have_count(6)
+    before = conversation(away)
     away.reload()
     expect(away.locator("#me")).to_have_text("#4")
     assert re.fullmatch(rf"{re.escape(room)}&since=\d+-4", away.sockets[-1]), away.sockets
-    expect(away.locator("#log .message")).to_have_count(2)
+    expect(away.locator("#log .message")).to_have_count(6)
+    assert conversation(away) == [*before, "#1: missed 4", "#1: missed 5"]  # each once
     assert after_separator(away, "— while you were away —") == ["#1: missed 4", "#1: missed 5"]
     send(away, "Back, and I saw it all")
     expect(talker.locator("#log .message")).to_have_count(7)
@@ -537,7 +541,7 @@ def test_usable_at_phone_width(start, open_page, html, script_name):
     assert_fits(page, 360)
     script.stop()  # the longest status: how to start the server, and when the page retries
     expect(page.locator("#status")).to_contain_text("Start it in a terminal", timeout=15_000)
-    expect(page.locator("#connect")).to_have_text("Disconnect")
+    expect(page.locator("#connect")).to_have_text("Stop retrying")
     assert_fits(page, 360)
     page.click("#connect")
     expect(page.locator("#connect")).to_have_text("Connect")
@@ -596,3 +600,82 @@ def test_screenshots(start, open_page, tmp_path):
         assert page.problems == []
     if update:
         assert script.url == "ws://localhost:8765"
+
+
+# The broadcast page: what a newcomer trips on
+
+
+def test_a_reloaded_page_shows_what_it_showed_once_and_not_its_former_self_leaving(
+    start, open_page
+):
+    _, (talker, reloaded, _) = open_three(start, open_page)
+    for text in ("one", "two", "three"):
+        send(talker, text)
+    expect(reloaded.locator("#log .message")).to_have_count(3)
+    send(reloaded, "mine")
+    expect(reloaded.locator("#log .message.own")).to_have_count(1)
+    before = log_lines(reloaded, ".message")
+    reloaded.reload()
+    expect(reloaded.locator("#me")).to_have_text("#4")
+    # The others hear that #2 left; the reloaded page knows that #2 was itself.
+    expect(talker.locator("#log")).to_contain_text("Client #2 left.")
+    expect(talker.locator("#clients")).to_have_text("3")
+    expect(reloaded.locator("#clients")).to_have_text("3")
+    send(talker, "after the reload")  # a presence batch comes before it, if any
+    expect(reloaded.locator("#log .message")).to_have_count(5)
+    assert log_lines(reloaded, ".message") == [*before, "#1: after the reload"]
+    assert "Client #2 left." not in log_lines(reloaded)
+    assert reloaded.problems == []
+
+
+def test_a_window_that_saw_no_message_catches_up_on_everything_it_missed(start, open_page):
+    script = start("3_websocket_broadcast.py", "--rate", "0")
+    away = open_page("3_client_broadcast.html", script.url)
+    expect(away.locator("#me")).to_have_text("#1")
+    away.click("#connect")  # it saw nothing at all
+    expect(away.locator("#status")).to_have_attribute("data-state", "closed")
+
+    with connect(script.url, proxy=None) as ws:  # another client says 30 things
+        for i in range(30):
+            ws.send(f"while away {i}")
+        for _ in range(30):
+            while '"message"' not in ws.recv(timeout=10):
+                pass
+    away.click("#connect")
+    expect(away.locator("#log .message")).to_have_count(30)  # not the newcomer's 20
+    assert after_separator(away, "— while you were away —") == [
+        f"#2: while away {i}" for i in range(30)
+    ]
+    assert away.locator("#log .warning").count() == 0
+
+
+def test_messages_caught_up_show_when_they_were_said(start, open_page):
+    script = start("3_websocket_broadcast.py")
+    talker = open_page("3_client_broadcast.html", script.url)
+    in_an_hour = time.time() + 3600
+
+    def an_hour_ahead(page):  # the page's clock, not the server's: easy to tell apart
+        page.clock.install(time=in_an_hour)
+        page.clock.pause_at(in_an_hour)
+
+    away = open_page("3_client_broadcast.html", script.url, before=an_hour_ahead)
+    expect(away.locator("#me")).to_have_text("#2")
+    talk_while_away(away, talker, ["said now"])
+    said = talker.locator("#log .message").last.text_content().split("  ")[0]
+    away.click("#connect")
+    expect(away.locator("#log .message")).to_have_count(1)
+    line = away.locator("#log .message").text_content()
+    assert line.startswith(f"{said}  "), (line, said)  # when it was said, by the server
+    connected = away.locator("#log .notice").last.text_content().split("  ")[0]
+    assert connected != said  # and the page's own lines show the page's own time
+
+
+def test_a_storm_of_arrivals_is_announced_as_a_count(open_page):
+    page = open_page("3_client_broadcast.html", "ws://localhost:8765", before=mocked)
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    page.routes[-1].send(json.dumps(WELCOME))
+    page.routes[-1].send(json.dumps({"type": "presence", "clients": 38, "joined": 37, "left": []}))
+    page.routes[-1].send(json.dumps({"type": "presence", "clients": 36, "joined": [], "left": 2}))
+    expect(page.locator("#clients")).to_have_text("36")
+    assert log_lines(page, ".notice")[-2:] == ["37 clients joined.", "2 clients left."]
+    assert page.problems == []

@@ -311,7 +311,7 @@ def flood_without_reading(port):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(2)
     with contextlib.suppress(OSError):  # until the server stops reading from it too
-        for _ in range(2000):
+        for _ in range(300):  # 18 MB: more than the kernel buffers on both sides
             sock.sendall(frame(0x1, b"x" * 60_000))
     return sock
 
