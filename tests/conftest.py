@@ -124,8 +124,8 @@ def start():
     """start(name, *args): run a script on a free port and wait for its ready line."""
     started = []
 
-    def start(name, *args, port="0", wait_ready=True, env=None):
-        script = Script(name, "--port", port, *args, wait_ready=wait_ready, env=env)
+    def start(name, *args, port="0", wait_ready=True, env=None, code=None):
+        script = Script(name, "--port", port, *args, wait_ready=wait_ready, env=env, code=code)
         started.append(script)
         return script
 

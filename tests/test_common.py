@@ -291,8 +291,8 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 """
 
 
-async def test_sigint_stops_the_script_even_if_the_shell_ignored_it(name):
-    script = Script(name, "--port", "0", code=IGNORING_SIGINT)
+async def test_sigint_stops_the_script_even_if_the_shell_ignored_it(start, name):
+    script = start(name, code=IGNORING_SIGINT)
     async with client(script.url) as ws:
         await script.until("connected from")
         script.proc.send_signal(signal.SIGINT)
