@@ -52,7 +52,7 @@ def health(connection, request):
         return response
 
 
-# --- Start-up, flags and safety checks: the same in every numbered script. ---
+# --- Start-up, flags and safety checks: as in every numbered script, plus /health. ---
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
@@ -100,10 +100,13 @@ async def main():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
-    parser.add_argument("--port", type=int, default=8765, help="0: any free port (default: 8765)")
-    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
-    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
+    add = parser.add_argument
+    add("--host", default="localhost", help="interface to listen on (default: localhost)")
+    add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
+    add(
+        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
+    )
+    add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
     ARGS = parser.parse_args()
     if not 0 <= ARGS.port <= 65535:
         parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")

@@ -252,13 +252,16 @@ async def main():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
-    parser.add_argument("--port", type=int, default=8765, help="0: any free port (default: 8765)")
-    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
-    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
-    parser.add_argument("--history", type=int, default=100, help="messages kept (default: 100)")
-    parser.add_argument("--rate", type=int, default=RATE, help="messages a second per client")
-    parser.add_argument("--redis", metavar="URL", help="share the conversation through Redis")
+    add = parser.add_argument
+    add("--host", default="localhost", help="interface to listen on (default: localhost)")
+    add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
+    add(
+        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
+    )
+    add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
+    add("--history", type=int, default=100, help="messages kept for catching up (default: 100)")
+    add("--rate", type=int, default=RATE, help="messages a second per client (default: 5; 0: none)")
+    add("--redis", metavar="URL", help="share the conversation through Redis (docs/scaling-out.md)")
     ARGS = parser.parse_args()
     if not 0 <= ARGS.port <= 65535:
         parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")

@@ -100,7 +100,7 @@ def certificate_page(connection, request):
     return connection.respond(200, "This certificate is accepted; now open 4_client_secure.html")
 
 
-# --- Start-up, flags and safety checks: the same in every numbered script. ---
+# --- Start-up, flags and safety checks: as in every script, plus TLS and the token. ---
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
@@ -172,16 +172,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--host", default="localhost", help="interface (default: localhost)")
-    parser.add_argument("--port", type=int, default=8443, help="0: any free port (default: 8443)")
-    parser.add_argument("--allow-origin", action="append", default=[], help="accept its pages")
-    parser.add_argument("--max-clients", type=int, default=1000, help="(default: 1000)")
-    parser.add_argument("--quiet", action="store_true", help="do not log each message")
-    parser.add_argument("--certfile", help="certificate for wss://, PEM (e.g. cert.pem)")
-    parser.add_argument("--keyfile", help="its private key, PEM (e.g. key.pem)")
+    add = parser.add_argument
+    add("--host", default="localhost", help="interface to listen on (default: localhost)")
+    add("--port", type=int, default=8443, help="port to listen on; 0: any free one (default: 8443)")
+    add(
+        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
+    )
+    add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
+    add("--quiet", action="store_true", help="log who comes and goes, not each message")
+    add("--certfile", help="the certificate that makes it wss://, PEM (e.g. cert.pem)")
+    add("--keyfile", help="the certificate's private key, PEM (e.g. key.pem)")
     # Other users of this machine can read a command line (ps): prefer the variable.
     token = os.environ.get("WEBSOCKET_TOKEN")
-    parser.add_argument("--token", default=token, help="(default: $WEBSOCKET_TOKEN, or random)")
+    add("--token", default=token, help="what clients must send (default: $WEBSOCKET_TOKEN, or new)")
     ARGS = parser.parse_args()
     if not 0 <= ARGS.port <= 65535:
         parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
