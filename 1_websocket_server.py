@@ -103,9 +103,7 @@ if __name__ == "__main__":
     add = parser.add_argument
     add("--host", default="localhost", help="interface to listen on (default: localhost)")
     add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
-    add(
-        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
-    )
+    add("--allow-origin", action="append", default=[], help="also accept pages from that origin")
     add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
     ARGS = parser.parse_args()
     if not 0 <= ARGS.port <= 65535:

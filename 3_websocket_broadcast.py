@@ -191,7 +191,7 @@ def check(connection, request, response):
     """Answer /health; refuse a client past --max-clients; name a refused origin."""
     if request.path == "/health":  # for nginx or a load balancer: 503 while Redis is away
         status = 200 if CONVERSATION.available else 503
-        return connection.respond(status, f'{{"clients": {len(CLIENTS)}}}\n')
+        return connection.respond(status, to_json({"clients": len(CLIENTS)}) + "\n")
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
     proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
     if response.status_code == 101 and proxied and request.headers.get("Origin") == "null":
@@ -255,9 +255,7 @@ if __name__ == "__main__":
     add = parser.add_argument
     add("--host", default="localhost", help="interface to listen on (default: localhost)")
     add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
-    add(
-        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
-    )
+    add("--allow-origin", action="append", default=[], help="also accept pages from that origin")
     add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
     add("--history", type=int, default=100, help="messages kept for catching up (default: 100)")
     add("--rate", type=int, default=RATE, help="messages a second per client (default: 5; 0: none)")

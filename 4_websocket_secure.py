@@ -175,9 +175,7 @@ if __name__ == "__main__":
     add = parser.add_argument
     add("--host", default="localhost", help="interface to listen on (default: localhost)")
     add("--port", type=int, default=8443, help="port to listen on; 0: any free one (default: 8443)")
-    add(
-        "--allow-origin", action="append", default=[], help="also accept web pages from that origin"
-    )
+    add("--allow-origin", action="append", default=[], help="also accept pages from that origin")
     add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
     add("--quiet", action="store_true", help="log who comes and goes, not each message")
     add("--certfile", help="the certificate that makes it wss://, PEM (e.g. cert.pem)")
