@@ -32,8 +32,10 @@ def python_runs(command):
         except ValueError:  # a Windows path or a quote shlex does not know: not a python run
             continue
         for i, word in enumerate(words):
-            if word in ("python", "python3") and i + 1 < len(words) and words[i + 1] != "-m":
-                script, rest = words[i + 1], words[i + 2 :]
+            # `python -m pip` and `python --version` run no script of ours
+            script, rest = words[i + 1 : i + 2], words[i + 2 :]
+            if word in ("python", "python3") and script and not script[0].startswith("-"):
+                script = script[0]
                 yield script, [w.split("=")[0] for w in rest if w.startswith("--")]
 
 
