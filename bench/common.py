@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -111,9 +112,7 @@ class Server:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def cpu_seconds(self):
-        """CPU time of all the server's threads (to 10 ms: time the window long enough)."""
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
+        return cpu_seconds(self.proc.pid)
 
     def rss_kib(self):
         return psutil.Process(self.proc.pid).memory_info().rss / 1024
@@ -131,6 +130,90 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def cpu_seconds(pid, children=False):
+    """CPU time of all a process's threads (to 10 ms: time the window long enough), and of
+    its children's (nginx's workers) if asked."""
+    process = psutil.Process(pid)
+    found = [process, *(process.children() if children else [])]
+    return sum(p.cpu_times().user + p.cpu_times().system for p in found)
+
+
+class Nginx:
+    """nginx in front of servers, configured from deploy/nginx.conf: the same proxy lines,
+    least_conn over one upstream per server; plain HTTP unless tls (demo 4's certificate)."""
+
+    BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    @classmethod
+    def available(cls):
+        return os.access(cls.BINARY, os.X_OK)
+
+    def __init__(self, servers, directory, tls=False, workers=1, cores=SERVER_CORE):
+        conf = (ROOT / "deploy" / "nginx.conf").read_text()
+        port = free_port()
+        upstreams = [f"server 127.0.0.1:{urlsplit(s.url).port} max_fails=0;" for s in servers]
+        listen = f"listen 127.0.0.1:{port}{' ssl' if tls else ''}"
+        if workers > 1:
+            # Past 10,000 clients one worker needs more than the 20,000 file descriptors a
+            # process may open here (a client and an upstream each): reuseport shares them.
+            listen += " reuseport"
+        swaps = [
+            (r"listen 127\.0\.0\.1:@PORT@ ssl", listen),
+            (r"worker_processes \d+", f"worker_processes {workers}"),
+            (r"worker_connections \d+", "worker_connections 19000"),
+            (r"@UPSTREAMS@", "\n        ".join(upstreams)),
+            (r"@ROOT@", str(directory)),
+        ]
+        if tls:
+            swaps += [("@CERT@", str(ROOT / "cert.pem")), ("@KEY@", str(ROOT / "key.pem"))]
+        else:
+            swaps.append((r"\n\s*ssl_certificate(_key)? @(CERT|KEY)@;[^\n]*", ""))
+        for pattern, value in swaps:
+            conf, found = re.subn(pattern, lambda _, v=value: v, conf)
+            if not found:  # deploy/nginx.conf changed: say so rather than measure another
+                raise RuntimeError(f"deploy/nginx.conf has no {pattern!r} any more")
+        (Path(directory) / "nginx.conf").write_text(conf)
+        command = [self.BINARY, "-p", str(directory), "-c", "nginx.conf", "-e", "stderr"]
+        self.proc = subprocess.Popen(
+            [*command, "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=(lambda: pin(0, cores)) if cores else None,  # its workers inherit it
+        )
+        self.pid = self.proc.pid
+        self.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/ws"
+        wait_for_port(port, self.proc)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc, seconds=10):
+    """Until something accepts connections on port; fail if proc exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[0]} did not start listening on {port}") from None
+            time.sleep(0.05)
+
+
+class RedisURL(str):
+    """The URL of a throwaway redis-server, which also knows its process id."""
+
+    pid = None
 
 
 def spawn(script, *args, pinned=True):
@@ -231,28 +314,20 @@ def save(fig, directory, name):
 
 @contextlib.contextmanager
 def redis_server():
-    """A throwaway redis-server on a free port, persistence off: yields its URL, or None
-    when redis-server is not installed."""
+    """A throwaway redis-server on a free port, persistence off: yields its URL (a RedisURL),
+    or None when redis-server is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     redis = subprocess.Popen([*command, "no"], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:  # until redis-server accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        wait_for_port(port, redis)
+        url = RedisURL(f"redis://127.0.0.1:{port}/0")
+        url.pid = redis.pid
+        yield url
     finally:
         redis.terminate()
         redis.wait()
