@@ -190,8 +190,9 @@ IN_USE = "it is already in use. Another demo still running? Stop it with Ctrl+C,
 def check(connection, request, response):
     """Answer /health; refuse a client past --max-clients; name a refused origin."""
     if request.path == "/health":  # for nginx or a load balancer: 503 while Redis is away
-        status = 200 if CONVERSATION.available else 503
-        return connection.respond(status, to_json({"clients": len(CLIENTS)}) + "\n")
+        ok = CONVERSATION.available
+        body = {"status": "ok" if ok else "unavailable", "clients": len(CLIENTS)}
+        return connection.respond(200 if ok else 503, to_json(body) + "\n")
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
     proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
     if response.status_code == 101 and proxied and request.headers.get("Origin") == "null":

@@ -229,6 +229,16 @@ def attempt(work):
     return tried
 
 
+def alternate(catalogue, tried, n, args):
+    """{name: [one result per run]}: every server once per run, runs one after the other."""
+    results = {name: [] for name in catalogue}
+    for run in range(args.runs):
+        for name, out in each_server(catalogue, tried, args.quick).items():
+            results[name].append(out)
+        print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
+    return results
+
+
 def measured(results, say=False):
     """The runs that did not fail, for each server that has any; say which failed."""
     found = {}
@@ -252,20 +262,14 @@ def measure_latency(catalogue, sizes, args, keep):
     print("and every connection must have got every message.\n")
     everything = {}
     for n in sizes:
-        results = {name: [] for name in catalogue}
 
         def one(name, entry, n=n):
             with tempfile.TemporaryFile() as log, Server(entry.command, log=log) as server:
                 return run_loads([server], n, args, entry.framing)
 
-        tried = attempt(one)
-        for run in range(args.runs):
-            for name, out in each_server(catalogue, tried, args.quick).items():
-                results[name].append(out)
-            print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
-        everything[n] = results
+        everything[n] = alternate(catalogue, attempt(one), n, args)
         keep(everything)
-        report_latency(n, results, {name: e.compression for name, e in catalogue.items()})
+        report_latency(n, everything[n], {name: e.compression for name, e in catalogue.items()})
     return everything
 
 
@@ -494,15 +498,9 @@ def scale_out(sizes, args, redis_url, keep):
                     for server in servers:
                         server.stop()
 
-        results = {name: [] for name in modes}
-        tried = attempt(one)
-        for run in range(args.runs):
-            for name, out in each_server(modes, tried, args.quick).items():
-                results[name].append(out)
-            print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
-        everything[n] = results
+        everything[n] = alternate(modes, attempt(one), n, args)
         keep(everything)
-        report_scale_out(n, results)
+        report_scale_out(n, everything[n])
     return everything
 
 
@@ -553,15 +551,9 @@ def measure_proxy(sizes, args, keep):
                 finally:
                     nginx.stop()
 
-        results = {name: [] for name in modes}
-        tried = attempt(one)
-        for run in range(args.runs):
-            for name, out in each_server(modes, tried, args.quick).items():
-                results[name].append(out)
-            print(f"  {n} clients: run {run + 1}/{args.runs} done", file=sys.stderr)
-        everything[n] = results
+        everything[n] = alternate(modes, attempt(one), n, args)
         keep(everything)
-        report_proxy(n, results)
+        report_proxy(n, everything[n])
     return everything
 
 

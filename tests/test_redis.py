@@ -374,13 +374,16 @@ async def test_health_is_503_while_redis_is_away_and_200_after(start, redis_serv
     script = start(SCRIPT, "--redis", redis_server.url)
     async with client(script.url) as ws:
         await ws.recv()  # welcomed: it counts
-        assert await asyncio.to_thread(health_of, script) == (200, {"clients": 1})
+        assert await asyncio.to_thread(health_of, script) == (200, {"status": "ok", "clients": 1})
         redis_server.stop()
         await script.until("lost Redis")
-        assert await asyncio.to_thread(health_of, script) == (503, {"clients": 1})
+        assert await asyncio.to_thread(health_of, script) == (
+            503,
+            {"status": "unavailable", "clients": 1},
+        )
         redis_server.start()
         await script.until("Redis is back", timeout=20)
-        assert await asyncio.to_thread(health_of, script) == (200, {"clients": 1})
+        assert await asyncio.to_thread(health_of, script) == (200, {"status": "ok", "clients": 1})
 
 
 async def test_stopping_takes_no_longer_than_the_close_timeout_whatever_redis_does(
