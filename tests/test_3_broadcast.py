@@ -380,7 +380,7 @@ async def test_health_says_200_and_the_count(start):
     script = start(SCRIPT)
     async with client(script.url), client(script.url):
         status, body = await asyncio.to_thread(get, script, "/health")
-    assert (status, json.loads(body)) == (200, {"clients": 2})
+    assert (status, json.loads(body)) == (200, {"status": "ok", "clients": 2})
 
 
 def get(script, path):
