@@ -76,7 +76,7 @@ async def main():
     finally:
         server.close()  # every client gets close code 1001 (going away)
         connections = list(server.connections)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # or a second Ctrl+C
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
             await asyncio.wait_for(server.wait_closed(), TIMEOUT)
         for websocket in connections:  # close() waits on drain() with no limit:
             websocket.transport.abort()  # cut off the clients that are not reading

@@ -56,9 +56,8 @@ async def authenticate(websocket):
     """Lock 3: return None if the first message holds the right token, else the reason."""
     # The token comes in a message, not in the URL: URLs end up in logs and browser history.
     try:
-        async with asyncio.timeout(AUTH_TIMEOUT):
-            event = json.loads(await websocket.recv())
-    except TimeoutError:
+        event = json.loads(await asyncio.wait_for(websocket.recv(), AUTH_TIMEOUT))
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         return "authentication timeout"
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested a million deep
         event = None
@@ -161,7 +160,7 @@ async def main():
     finally:
         server.close()  # every client gets close code 1001 (going away)
         connections = list(server.connections)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # or a second Ctrl+C
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
             await asyncio.wait_for(server.wait_closed(), TIMEOUT)
         for websocket in connections:  # close() waits on drain() with no limit:
             websocket.transport.abort()  # cut off the clients that are not reading

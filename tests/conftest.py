@@ -33,8 +33,11 @@ class Script:
         self.lines = []  # (stream, line) in arrival order, stdout and stderr
         self.changed = threading.Condition()
         launcher = ["-c", code] if code else []
+        # SCRIPT_PYTHON: run the numbered scripts (only them) on another Python, e.g. 3.9.
+        numbered = name[0].isdigit()
+        python = (os.environ.get("SCRIPT_PYTHON") if numbered else None) or sys.executable
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", *launcher, str(ROOT / name), *args],
+            [python, "-u", *launcher, str(ROOT / name), *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
