@@ -7,6 +7,7 @@ Real nginx, real Supervisor, real redis-server, real Chromium; every port is a f
 import asyncio
 import json
 import os
+import pty
 import random
 import re
 import shutil
@@ -15,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -42,9 +44,12 @@ def free_ports(count):
 
 
 class Stack:
-    """deploy/up in a subprocess, with ports, certificate and RUN_DIR of its own."""
+    """deploy/up in a subprocess, with ports, certificate and RUN_DIR of its own.
 
-    def __init__(self, folder, certificate=None):
+    settings: more of deploy/up's environment (MAX_CLIENTS="15", say). start=False: only
+    the environment, for a test that runs deploy/up itself."""
+
+    def __init__(self, folder, certificate=None, start=True, **settings):
         for program in ("nginx", "redis-server"):
             if not shutil.which(program):
                 missing(f"deploy/ needs {program}: apt-get install {program}", "REQUIRE_DEPLOY")
@@ -66,24 +71,30 @@ class Stack:
             "CERTFILE": str(self.certfile),
             "KEYFILE": str(self.keyfile),
             "RATE": "100",  # the talker says 20 a second, more than a person may
+            **settings,
         }
+        self.url = f"wss://localhost:{self.port}/ws"
+        self.ready = rf"^Listening on {re.escape(self.url)} \(Ctrl\+C to stop\)$"
+        self.backends = list(range(self.backend, self.backend + PROCESSES))
+        if not start:
+            return
         self.script = Script("deploy/up", wait_ready=False, env=self.env)
         try:
-            self.script.wait_for(
-                rf"^Listening on wss://localhost:{self.port} \(Ctrl\+C to stop\)$", 60
-            )
+            self.script.wait_for(self.ready, 60)
         except AssertionError:
             self.stop()  # nothing left running, whatever went wrong
             raise
-        self.url = f"wss://localhost:{self.port}/ws"
-        self.backends = list(range(self.backend, self.backend + PROCESSES))
 
     def context(self):
         return ssl.create_default_context(cafile=self.cafile if self.cafile.exists() else None)
 
-    def client(self, path="/ws", **kwargs):
+    def client(self, path="/ws", source=None, **kwargs):
+        """A wss:// client through nginx; source: the loopback address it connects from
+        (127.0.0.0/8 is all loopback), so that each user of a test has an address of its own."""
         kwargs.setdefault("ssl", self.context())
         kwargs.setdefault("open_timeout", 20)
+        if source:
+            kwargs["local_addr"] = (source, 0)  # passed on to loop.create_connection()
         return connect(f"wss://localhost:{self.port}{path}", proxy=None, **kwargs)
 
     def control(self, *args):
@@ -130,16 +141,17 @@ async def wait_until(predicate, timeout=30, what="condition"):
 class Reader:
     """A client that, like the page, reconnects whenever its connection ends, with ?since=."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, number):
         self.stack, self.texts, self.welcomes, self.closes = stack, [], [], []
         self.last = None  # the id of the last message seen
+        self.source = f"127.0.1.{number}"  # a user of its own: nginx limits each address
         self.task = asyncio.create_task(self.run())
 
     async def run(self):
         while True:
             path = "/ws" if self.last is None else f"/ws?since={self.last}"
             try:
-                async with self.stack.client(path) as ws:
+                async with self.stack.client(path, self.source) as ws:
                     try:
                         async for frame in ws:
                             self.receive(json.loads(frame))
@@ -246,6 +258,121 @@ async def test_sigterm_stops_the_stack_too(tmp_path):
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+# Anywhere a service manager runs it: its output on a file, a socket or a terminal
+
+
+class Detached:
+    """deploy/up with its output (stdout and stderr) on a file (deploy/up > file 2>&1), a
+    socket (systemd's journal), or a terminal; read() is everything written so far."""
+
+    def __init__(self, stack, kind, folder):
+        up = [sys.executable, str(ROOT / "deploy" / "up")]
+        self.kind, self.chunks, self.file = kind, [], folder / "out.txt"
+        if kind == "file":
+            theirs = mine = open(self.file, "wb")  # noqa: SIM115 (closed below)
+        elif kind == "socket":
+            mine, theirs = socket.socketpair()
+        else:
+            mine, theirs = (os.fdopen(fd, "rb", buffering=0) for fd in pty.openpty())
+        self.proc = subprocess.Popen(
+            up, cwd=ROOT, env=stack.env, stdin=subprocess.DEVNULL, stdout=theirs, stderr=theirs
+        )
+        theirs.close()
+        if kind != "file":
+            threading.Thread(target=self._collect, args=(mine,), daemon=True).start()
+
+    def _collect(self, mine):
+        receive = mine.recv if self.kind == "socket" else mine.read
+        while True:
+            try:
+                data = receive(65536)
+            except OSError:  # a terminal whose other side closed: EIO
+                data = b""
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def read(self):
+        data = self.file.read_bytes() if self.kind == "file" else b"".join(self.chunks)
+        return data.decode(errors="replace").replace("\r\n", "\n")  # a terminal's newlines
+
+    def wait_for(self, pattern, timeout):
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.read(), re.MULTILINE):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in deploy/up's output:\n{self.read()}")
+            time.sleep(0.1)  # a file cannot be waited on: read it again
+
+
+@pytest.mark.parametrize("kind", ["file", "socket", "terminal"])
+async def test_up_with_its_output_on_a_file_a_socket_or_a_terminal(tmp_path, kind):
+    stack = Stack(tmp_path, trustme.CA(), start=False)
+    up = Detached(stack, kind, tmp_path)
+    try:
+        up.wait_for(stack.ready, 60)
+        async with stack.client() as ws:  # it really serves
+            assert json.loads(await ws.recv())["type"] == "welcome"
+    finally:
+        up.proc.send_signal(signal.SIGTERM)  # as systemd stops it
+        code = up.proc.wait(40)
+    up.wait_for(r"^Stack stopped\. Goodbye!$", 5)
+    assert code == 0, up.read()
+    lines = up.read().splitlines()
+    assert lines[-1] == "Stack stopped. Goodbye!"
+    # Every line whole, the program's name first: none written over another (as with
+    # /dev/stdout on a file), none lost (as with ENXIO on a socket).
+    for port in stack.backends:
+        said = f"broadcast_{port} | Listening on ws://127.0.0.1:{port} (Ctrl+C to stop)"
+        assert lines.count(said) == 1, up.read()
+        assert lines.count(f"broadcast_{port} | Server stopped. Goodbye!") == 1, up.read()
+    assert [line for line in lines if line.startswith("redis ") and "Ready to accept" in line]
+    assert [line for line in lines if re.search(r"^supervisord +\| .* stopped: redis ", line)]
+    assert "spawnerr" not in up.read() and "FATAL" not in up.read()
+    for port in (stack.port, stack.redis, *stack.backends):  # free at once
+        socket.create_server(("127.0.0.1", port)).close()
+
+
+async def test_a_stack_whose_programs_all_fail_exits_1_with_one_sentence(tmp_path):
+    broken = tmp_path / "bin"  # nginx and redis-server that fail at once, as a broken
+    broken.mkdir()  # installation would; the broadcasts then fail too, with no Redis
+    for program in ("nginx", "redis-server"):
+        (broken / program).write_text(
+            f'#!/bin/sh\necho "{program}: simulated failure" >&2\nexit 3\n'
+        )
+        (broken / program).chmod(0o755)
+    stack = Stack(tmp_path, start=False, PATH=f"{broken}{os.pathsep}{os.environ['PATH']}")
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "up")],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    took = time.monotonic() - t0
+    assert result.returncode == 1, result.stdout + result.stderr
+    sentence = result.stderr.strip()
+    assert "\n" not in sentence, sentence  # one sentence, no traceback
+    assert sentence.startswith("Supervisor gave up on ") and sentence.endswith("the stack."), (
+        sentence
+    )
+    # It names which, and why: each failing program's own last words.
+    assert re.search(
+        r'redis \(it exited at once, each time, saying "redis-server: simulated', sentence
+    )
+    assert "Listening on" not in result.stdout
+    assert took < 60, took  # Supervisor's 3 retries: a few seconds, not forever
+    for port in (stack.port, stack.redis, *stack.backends):
+        socket.create_server(("127.0.0.1", port)).close()
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(stack.run_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers
+
+
 # Behind the proxy
 
 
@@ -281,7 +408,7 @@ async def test_health_is_503_while_redis_is_stopped_and_200_after(stack):
 
 
 async def test_a_rolling_restart_under_traffic_loses_and_duplicates_nothing(stack):
-    readers = [Reader(stack) for _ in range(100)]
+    readers = [Reader(stack, n) for n in range(1, 101)]
     await wait_until(lambda: all(r.welcomes for r in readers), 60, "100 welcomes")
     talker = Talker(stack)
     await wait_until(lambda: len(talker.said) >= 20, what="traffic")
@@ -315,7 +442,7 @@ async def test_a_rolling_restart_under_traffic_loses_and_duplicates_nothing(stac
 
 
 async def test_kill_9_of_one_process_supervisor_restarts_it_and_its_clients_catch_up(stack):
-    readers = [Reader(stack) for _ in range(20)]
+    readers = [Reader(stack, n) for n in range(1, 21)]
     await wait_until(lambda: all(r.welcomes for r in readers), 60, "welcomes")
     talker = Talker(stack)
     await wait_until(lambda: len(talker.said) >= 10, what="traffic")
