@@ -154,7 +154,8 @@ class Browser:
 
 
 def firefox_binary():
-    for path in (os.environ.get("FIREFOX", ""), "firefox-esr", "firefox"):
+    mac = "/Applications/Firefox.app/Contents/MacOS/firefox"
+    for path in (os.environ.get("FIREFOX", ""), "firefox-esr", "firefox", mac):
         if path and (found := shutil.which(path)):
             return found
     return None
