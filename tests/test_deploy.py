@@ -5,6 +5,8 @@ Real nginx, real Supervisor, real redis-server, real Chromium; every port is a f
 """
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import pty
@@ -389,6 +391,80 @@ async def test_through_the_proxy_the_real_address_is_logged_and_origin_null_refu
         assert json.loads(await ws.recv())["type"] == "welcome"
 
 
+async def test_one_address_over_its_limit_leaves_every_honest_attempt_from_another_welcomed(
+    tmp_path,
+):
+    # 15 clients a process, 30 in all: one address alone could fill both but for nginx's
+    # limit of 20 a client address (MAX_PER_ADDRESS's default), which leaves 10 for others.
+    stack = Stack(tmp_path, trustme.CA(), MAX_CLIENTS="15")
+    held, refused = [], []
+    try:
+        commands = [" ".join(p.cmdline()) for p in stack.processes()]
+        assert sum("--max-clients 15" in command for command in commands) == PROCESSES
+
+        async def attempt(source, keep):
+            try:
+                ws = await stack.client(source=source)
+            except InvalidStatus as refusal:
+                refused.append((refusal.response.status_code, refusal.response.body))
+                return False
+            welcome = json.loads(await ws.recv())
+            assert welcome["type"] == "welcome"
+            if keep:
+                held.append(ws)
+            else:
+                await ws.close()
+            return True
+
+        # 127.0.0.2 asks for 40 at once and keeps what it gets, answering pings.
+        await asyncio.gather(*(attempt("127.0.0.2", keep=True) for _ in range(40)))
+        assert len(held) == 20, (len(held), refused)
+        assert {status for status, _ in refused} == {429}, refused
+        assert any(b"Too many connections from your address" in body for _, body in refused)
+
+        async def flood():  # and keeps asking, all the time
+            while True:
+                await attempt("127.0.0.2", keep=True)
+                await asyncio.sleep(0.02)
+
+        flooding = asyncio.create_task(flood())
+        try:
+            honest = [await attempt("127.0.0.3", keep=False) for _ in range(20)]
+        finally:
+            flooding.cancel()
+        assert honest == [True] * 20, refused[-5:]
+        assert len(held) == 20  # the flood got nothing more
+    finally:
+        for ws in held:
+            await ws.close()
+        assert stack.stop() == 0
+
+
+def test_nginx_drops_a_silent_socket_and_a_half_sent_header_in_seconds(stack):
+    # nginx's defaults would hold each of these for 60 s: client_header_timeout is 10 s.
+    silent = socket.create_connection(("127.0.0.1", stack.port))  # no TLS hello at all
+    context = stack.context()
+    idle = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", stack.port)), server_hostname="localhost"
+    )
+    half = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", stack.port)), server_hostname="localhost"
+    )
+    half.sendall(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n")  # never ends
+    t0 = time.monotonic()
+    for sock in (silent, idle, half):
+        sock.settimeout(30)
+        with sock:
+            try:
+                data = sock.recv(1000)
+            except (ConnectionResetError, ssl.SSLError):  # reset_timedout_connection: an RST
+                data = b""
+            assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
+    took = time.monotonic() - t0
+    assert took < 15, took
+    print(f"silent, idle TLS and half-sent header sockets dropped after {took:.1f} s")
+
+
 async def test_health_is_503_while_redis_is_stopped_and_200_after(stack):
     assert [health(port)[0] for port in stack.backends] == [200, 200]
     assert "stopped" in stack.control("stop", "redis").stdout
@@ -503,6 +579,53 @@ def test_the_page_through_the_proxy_survives_a_rolling_restart(stack, browser):
             playwright_expect(page.locator("#log .message").last).to_contain_text(said[-1])
             assert said_on(page) == said  # no gap, no duplicate
             assert page.locator("#log .warning").count() == 0
+    finally:
+        context.close()
+
+
+def test_the_page_allows_only_its_own_script_style_and_back_end(stack, browser):
+    address = f"https://localhost:{stack.port}/3_client_broadcast.html"
+    with urllib.request.urlopen(address, context=stack.context()) as response:
+        html, headers = response.read().decode(), response.headers
+    assert headers["X-Frame-Options"] == "DENY"
+    policy = dict(
+        part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    assert policy["connect-src"] == stack.url  # wss://localhost:PORT/ws, nothing else
+
+    def hashes(tag):  # of the page as served: deploy/up took them from the same file
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+        assert blocks, tag
+        return {
+            f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
+            for b in blocks
+        }
+
+    assert set(policy["script-src"].split()) == hashes("script")
+    assert set(policy["style-src"].split()) == hashes("style")
+
+    context = browser.new_context(ignore_https_errors=True)
+    # Every violation the page reports, and every console line: none may be about the policy.
+    context.add_init_script(
+        "window.violations = [];"
+        "addEventListener('securitypolicyviolation', e => violations.push(e.violatedDirective));"
+    )
+    try:
+        page, console = context.new_page(), []
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(address)
+        playwright_expect(page.locator("#status")).to_have_attribute("data-state", "open")
+        send(page, "page under its policy")
+        playwright_expect(page.locator("#log .message").last).to_contain_text("under its policy")
+        assert page.evaluate("document.querySelector('style').sheet !== null")  # not blocked
+        assert page.evaluate("violations") == [], console
+        assert not [line for line in console if "Content Security Policy" in line], console
+        # ?url= may not point the real page at another server: the policy refuses it.
+        elsewhere = f"wss://127.0.0.1:{stack.port}/ws"
+        page.goto(f"{address}?url={elsewhere}")
+        page.wait_for_function("violations.includes('connect-src')")
+        assert page.locator("#status").get_attribute("data-state") != "open"
     finally:
         context.close()
 
