@@ -260,6 +260,17 @@ async def test_sigterm_stops_the_stack_too(tmp_path):
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_up_on_a_python_older_than_3_11_says_so_in_one_sentence():
+    older = "import runpy, sys; sys.version_info = (3, 10, 12); runpy.run_path(sys.argv[1])"
+    up = Script("deploy/up", wait_ready=False, code=older)
+    assert up.wait() == 1
+    assert (
+        up.text("stderr")
+        == "deploy/up needs Python 3.11 or newer, like the scripts it runs; this is 3.10."
+    )
+    assert up.text("stdout") == ""
+
+
 # Anywhere a service manager runs it: its output on a file, a socket or a terminal
 
 
