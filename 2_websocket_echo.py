@@ -15,7 +15,7 @@ import socket
 import sys
 
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in order of arrival
 MESSAGES = logging.getLogger("messages")  # one line per message; --quiet turns it off
@@ -58,9 +58,12 @@ def check(connection, request, response):
 
 
 async def main():
+    loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
-        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C is KeyboardInterrupt
-            asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
+        try:
+            loop.add_signal_handler(sig, main_task.cancel)
+        except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
             port = probe.getsockname()[1]
@@ -101,6 +104,11 @@ if __name__ == "__main__":
         ORIGINS.remove("null")  # there, "null" may be any web site in a sandboxed frame
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
+    # websockets 15 and 16 (Python 3.9, 3.10) log a client's bad handshake, a browser's plain
+    # http:// visit say, as an error with a traceback; 17 only answers it, as all of them do.
+    logging.getLogger("websockets.server").addFilter(
+        lambda record: not isinstance(record.exc_info and record.exc_info[1], InvalidHandshake)
+    )
     MESSAGES.disabled = ARGS.quiet
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
         asyncio.run(main())
