@@ -18,15 +18,13 @@ import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import broadcast, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.frames import Opcode
 
 CLIENTS = {}  # the connections that are open right now -> their client number
-HISTORY = CONVERSATION = None  # a History and a Conversation (see below), made by main()
+HISTORY = CONVERSATION = RATES = STRIKES = None  # made by lifespan(), below
 MAX_TEXT = 1000  # characters in one chat message
-RATE = 5  # messages a second one client may send, in bursts of up to twice that (--rate)
-MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off
-JOINED, LEFT = [], []  # arrivals and departures not announced yet
 # JSON as UTF-8: an emoji takes 4 bytes, not 12 as the escape \ud83d\ude00 would.
 to_json = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -36,75 +34,78 @@ async def handler(websocket):
     # A client that comes back names the last message it saw: ws://localhost:8765/?since=ID
     since = parse_qs(urlsplit(websocket.request.path).query).get("since", [None])[0]
     client = await CONVERSATION.new_client(websocket, since)  # its number: 1, 2, 3...
-    # No await from reading HISTORY to joining CLIENTS, and send() writes at once:
-    # each message is in the welcome's history or delivered live, never both.
+    # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
+    # so each message is either in the welcome's history or sent after it, exactly once.
     CLIENTS[websocket] = client
     welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online()}
     welcome |= HISTORY.since(since)  # {"history": [...], "recovered": bool, "latest": ID}
-    logging.info("client #%d connected from %s", client, address(websocket))
-    limit = RateLimit(ARGS.rate)
+    logging.info("client #%d connected from %s", client, websocket.address)
     try:
         await websocket.send(to_json(welcome))
         await CONVERSATION.publish({"type": "joined", "client": client})
         async for message in websocket:
-            problem = limit.check() or problem_with(message)
+            problem = problem_with(message, websocket)
             if problem is None:
                 event = {"type": "message", "client": client, "text": message}
-                problem = await CONVERSATION.publish(event)  # None, or (--redis) Redis is away
+                problem = await CONVERSATION.publish(event)  # None, or (--redis) why not
             if problem:
                 await websocket.send(to_json({"type": "error", "reason": problem}))
-            if len(limit.refused) > 100:  # in 10 s: a program, not a person typing
-                logging.warning("client #%d keeps sending too fast: disconnecting it", client)
-                return await websocket.close(1008, "too many messages")
     except ConnectionClosed:
         pass  # it left, maybe in the middle of a send(): normal on networks
     finally:
         # finally runs however the connection ends, so the count never drifts.
-        CLIENTS.pop(websocket, None)  # None: already gone if it was cut off as too slow
+        del CLIENTS[websocket]
         logging.info("client #%d disconnected: %s", client, websocket.protocol.close_exc)
         await CONVERSATION.publish({"type": "left", "client": client})
 
 
-def problem_with(message):
+def deliver(event):
+    """Hand an event to the clients here; with --redis, events come from every process."""
+    if event["type"] == "message":
+        HISTORY.add(event)
+        logging.info(
+            "client #%d to %d clients: %.80r", event["client"], len(CLIENTS), event["text"]
+        )
+        send_to_all(event)
+    elif event["type"] in ("joined", "left"):
+        # Announced in batches, 5 a second at most: the first change since the last
+        # announcement schedules the next one, and later ones ride along.
+        if not (JOINED or LEFT):
+            asyncio.get_running_loop().call_later(0.2, announce_presence)
+        (JOINED if event["type"] == "joined" else LEFT).append(event["client"])
+    else:  # a type that a newer version sends, during a rolling deploy: skip it
+        warn(event["type"], "skipped events of unknown type %r", event["type"])
+
+
+def send_to_all(event):
+    """Send an event to every client here without waiting for any of them."""
+    # A client that falls behind is cut off (see Connection, below): never the others.
+    broadcast(CLIENTS, to_json(event))
+
+
+# What protects everyone: one client cannot flood the others, nor hold the server's memory.
+
+RATE = 5  # messages a second from one address, in bursts of up to twice that (--rate)
+
+
+def problem_with(message, websocket):
     """Say what is wrong with a message, or return None if it can be broadcast."""
+    if not RATES.take(websocket.address):  # per address: reconnecting resets nothing
+        if not STRIKES.take(websocket.address):  # some 100 refused in 10 s: a program
+            websocket.cut("too many messages")
+        return f"too many messages: at most {ARGS.rate} a second"
     if isinstance(message, bytes):
         return "binary messages are not supported: send text"
     if not message.strip():
         return "empty message: type something first"
     if len(message) > MAX_TEXT:
         return f"message too long: {len(message)} characters, the limit is {MAX_TEXT}"
+    return None
 
 
-class RateLimit:
-    """A token bucket: `rate` messages a second, in bursts of up to twice that (0: no limit)."""
+# The conversation: in this process, or shared by several through Redis (--redis).
 
-    def __init__(self, rate):
-        self.rate, self.tokens, self.last, self.refused = rate, 2 * rate, time.monotonic(), []
-
-    def check(self):
-        """Take a token for a message; return None, or why the message is refused."""
-        now = time.monotonic()
-        self.tokens = min(2 * self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1 or not self.rate:
-            self.tokens -= 1
-            return None
-        self.refused = [t for t in self.refused if t > now - 10] + [now]  # the last 10 s
-        return f"too many messages: at most {self.rate} a second"
-
-
-def deliver(event):
-    """Hand an event to the clients here; with --redis, events come from every process."""
-    kind, client = event["type"], event["client"]
-    if kind == "message":
-        HISTORY.add(event)
-        logging.info("client #%d to %d clients: %.80r", client, len(CLIENTS), event["text"])
-        return send_to_all(event)
-    # "joined" or "left": announced in batches, 5 a second at most. The first change
-    # since the last announcement schedules the next one and later ones ride along.
-    if not (JOINED or LEFT):
-        asyncio.get_running_loop().call_later(0.2, announce_presence)
-    (JOINED if kind == "joined" else LEFT).append(client)
+JOINED, LEFT = [], []  # arrivals and departures not announced yet
 
 
 def announce_presence():
@@ -113,20 +114,6 @@ def announce_presence():
     online = CONVERSATION.online()
     send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
     del JOINED[:], LEFT[:]
-
-
-def send_to_all(event):
-    """Send an event to every client here without waiting for any of them."""
-    broadcast(CLIENTS, to_json(event))
-    # broadcast() never waits, so what a client doesn't read piles up here.
-    # Cut off a client that falls too far behind, before it eats all memory.
-    for websocket in [ws for ws in CLIENTS if ws.transport.get_write_buffer_size() > MAX_BACKLOG]:
-        client = CLIENTS.pop(websocket)
-        logging.warning("client #%d is over %d bytes behind: disconnecting it", client, MAX_BACKLOG)
-        # The connection holds the closing task: asyncio itself holds tasks only weakly.
-        websocket.closing = asyncio.create_task(websocket.close(1008, "too slow"))
-        # It isn't reading, so it won't answer the close either: cut the TCP connection.
-        asyncio.get_running_loop().call_later(TIMEOUT, websocket.transport.abort)
 
 
 class History:
@@ -158,7 +145,7 @@ class History:
 class Conversation:
     """One process, one conversation; with --redis, broadcast_redis.Conversation instead."""
 
-    available, arriving = True, 0  # --redis: False while Redis is away; clients waiting on it
+    available = True  # --redis: False while Redis is away
     clients = messages = 0  # how many came, and were said, so far
     started = time.time_ns() // 1_000_000  # ids start with it: none repeats after a restart
 
@@ -176,10 +163,52 @@ class Conversation:
     def online(self):
         return len(CLIENTS)
 
+    async def close(self):
+        pass
 
-# --- Start-up, flags and safety checks: as in every script, plus /health, a proxy, --rate... ---
+
+@contextlib.asynccontextmanager
+async def lifespan():
+    """What the handler shares: made once the port is ours, closed after the last client."""
+    global HISTORY, CONVERSATION, RATES, STRIKES
+    RATES, STRIKES = Limit(ARGS.rate, 2 * ARGS.rate), Limit(10, 100)
+    HISTORY, CONVERSATION = History(ARGS.history, f"{Conversation.started}-0"), Conversation()
+    if ARGS.redis:  # the demo alone never imports redis
+        import broadcast_redis
+
+        keys = ARGS.redis_prefix
+        CONVERSATION = await broadcast_redis.start(ARGS.redis, HISTORY, deliver, CLIENTS, keys)
+    try:
+        yield
+    finally:  # however main() ends: Ctrl+C arrives as an exception here
+        await CONVERSATION.close()
+
+
+def health(connection, request):
+    """Answer GET /health (for nginx or a load balancer); while Redis is away, 503 to all."""
+    ok = CONVERSATION.available
+    if request.path == "/health":
+        body = {"status": "ok" if ok else "unavailable", "clients": len(CLIENTS)}
+        return connection.respond(200 if ok else 503, to_json(body) + "\n")
+    if not ok:
+        warn("redis", "refused a client: the broadcast is unavailable until Redis is back")
+        return connection.respond(503, "Broadcast unavailable, try again soon.\n")
+    return None
+
+
+def flags(add):
+    """This demo's own flags; the start-up below adds the shared ones."""
+    add("--history", type=int, default=100, help="messages kept for catching up (default: 100)")
+    add("--rate", type=int, default=RATE, help="messages a second per address (default: 5; 0: any)")
+    add("--redis", metavar="URL", help="share the conversation through Redis (docs/scaling-out.md)")
+    add("--redis-prefix", default="broadcast", help="its keys' prefix (default: broadcast)")
+
+
+# --- Start-up, flags and safety checks: the same in every numbered script. ---
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
+MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off (1008)
+KERNEL_BUFFER = 64 * 1024  # bytes the system may hold for a socket each way (Linux: twice)
 # 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
 SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
 # Programs (no Origin), pages from disk ("null") or this machine: other sites could hijack it.
@@ -187,68 +216,138 @@ ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(
 IN_USE = "it is already in use. Another demo still running? Stop it with Ctrl+C, or use --port {}"
 
 
+class Connection(ServerConnection):
+    """A connection that costs what it may: not read while its writes wait (pongs too), cut
+    off past MAX_BACKLOG behind or with too many pings."""
+
+    address = None  # where the client is, once check() lets it in
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")  # KiB, not MiB, waiting in the kernel:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # so nearly all is counted here
+            sock.setsockopt(socket.SOL_SOCKET, option, KERNEL_BUFFER)
+        # Read only when both allow it: the queue of unread messages, and the writes.
+        self.recv_messages.resume = lambda: self.paused or transport.resume_reading()
+
+    def pause_writing(self):  # over 32 KiB unsent (write_limit): stop reading from it
+        super().pause_writing()
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        super().resume_writing()
+        if not self.recv_messages.paused:
+            self.transport.resume_reading()
+
+    def send_data(self):  # every write passes here: send(), broadcast() and pongs
+        super().send_data()
+        if self.transport.get_write_buffer_size() > MAX_BACKLOG:
+            self.cut("too slow")
+
+    def process_event(self, event):
+        if getattr(event, "opcode", None) is Opcode.PING and not PINGS.take(self.address):
+            self.cut("too many pings")
+        super().process_event(event)
+
+    def cut(self, reason):
+        """Close with 1008 at once; drop the TCP connection if the client doesn't answer."""
+        if self.protocol.state.name == "OPEN":
+            warn(self.address, "disconnected a client from %s: %s", self.address, reason)
+            self.protocol.fail(1008, reason)
+            super().send_data()
+            self.loop.call_later(TIMEOUT, self.transport.abort)
+
+
+class Limit:
+    """Token buckets, one per key (an address): `rate` a second, in bursts up to `burst`."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.buckets = rate, burst, {}
+
+    def take(self, key):
+        """Take a token from the key's bucket; False if it is empty (rate 0: never)."""
+        now = time.monotonic()
+        tokens, then = self.buckets.pop(key, (self.burst, now))  # put back last: LRU order
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        allowed = tokens >= 1 or not self.rate
+        self.buckets[key] = (tokens - 1 if allowed else tokens, now)
+        if len(self.buckets) > 10_000:  # forget the least recently seen: memory stays bounded
+            del self.buckets[next(iter(self.buckets))]
+        return allowed
+
+
+HANDSHAKES, PINGS, WARNED = Limit(1, 20), Limit(2, 20), Limit(0.1, 1)  # per address
+
+
+def warn(key, message, *args):
+    """Log a warning once per key (an address) every 10 s, not once per attempt."""
+    if WARNED.take((key, message)):
+        logging.warning(message, *args)
+
+
 def check(connection, request, response):
-    """Answer /health; refuse a client past --max-clients; name a refused origin."""
-    if request.path == "/health":  # for nginx or a load balancer: 503 while Redis is away
-        ok = CONVERSATION.available
-        body = {"status": "ok" if ok else "unavailable", "clients": len(CLIENTS)}
-        return connection.respond(200 if ok else 503, to_json(body) + "\n")
+    """Let a client in, or say why not: its origin, too many clients, too many from its
+    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address."""
+    status, host = response.status_code, connection.remote_address[0]
+    if host in ("127.0.0.1", "::1"):  # X-Real-IP from anywhere else could be a lie
+        host = request.headers.get("X-Real-IP", host)
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
     proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
-    if response.status_code == 101 and proxied and request.headers.get("Origin") == "null":
+    if status == 101 and proxied and request.headers.get("Origin") == "null":
         response = connection.respond(403, "Origin null is refused through a proxy.\n")
     if response.status_code == 403:  # websockets refused the Origin, or the line above did
         origin = request.headers.get("Origin")
-        logging.warning("refused origin %r; to allow it: --allow-origin %r", origin, origin)
+        warn(host, "refused origin %r; to allow it: --allow-origin %r", origin, origin)
         return response
-    # Count the clients still waiting for Redis too: --max-clients holds during a burst.
-    if response.status_code == 101 and len(CLIENTS) + CONVERSATION.arriving >= ARGS.max_clients:
-        logging.warning("refused a client: server full (--max-clients %d)", ARGS.max_clients)
+    if status == 101 and len(connection.server.connections) >= ARGS.max_clients:
+        warn(None, "refused a client: server full (--max-clients %d)", ARGS.max_clients)
         return connection.respond(503, "Server full.\n")
-    if response.status_code == 101 and not CONVERSATION.available:  # --redis, Redis away
-        logging.warning("refused a client: the broadcast is unavailable until Redis is back")
-        return connection.respond(503, "Broadcast unavailable, try again soon.\n")
-
-
-def address(connection):
-    """Where a client is: behind a proxy on this machine, where the proxy saw it."""
-    host, port = connection.remote_address[:2]
-    proxy = host in ("127.0.0.1", "::1")  # X-Real-IP from anywhere else could be a lie
-    return (proxy and connection.request.headers.get("X-Real-IP")) or f"{host}:{port}"
+    limited = status == 101 and ARGS.max_per_address  # 0: no limits per address
+    from_there = limited and sum(c.address == host for c in connection.server.connections)
+    if limited and from_there >= ARGS.max_per_address:
+        warn(host, "refused a client from %s: --max-per-address %d", host, ARGS.max_per_address)
+        return connection.respond(429, "Too many connections from your address.\n")
+    if limited and not HANDSHAKES.take(host):
+        warn(host, "refused a client from %s: too many connection attempts", host)
+        return connection.respond(429, "Too many connection attempts: wait a second.\n")
+    connection.address = host
+    return response
 
 
 async def main():
-    global HISTORY, CONVERSATION
+    loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
-        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C is KeyboardInterrupt
-            asyncio.get_running_loop().add_signal_handler(sig, asyncio.current_task().cancel)
-    try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
-        with socket.create_server((ARGS.host, ARGS.port)) as probe:
-            port = probe.getsockname()[1]
-        HISTORY, CONVERSATION = History(ARGS.history, f"{Conversation.started}-0"), Conversation()
-        if ARGS.redis:  # only once the port is ours; the demo alone never imports redis
-            import broadcast_redis
+        try:
+            loop.add_signal_handler(sig, main_task.cancel)
+        except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
+    hooks = dict(process_request=health, process_response=check, create_connection=Connection)
+    async with lifespan():  # what the handler shares (above): made first, closed last
+        try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
+            with socket.create_server((ARGS.host, ARGS.port)) as probe:
+                port = probe.getsockname()[1]
+            origins = ORIGINS + ARGS.allow_origin
+            server = await serve(handler, ARGS.host, port, origins=origins, **hooks, **SETTINGS)
+        except OSError as exc:  # most often the port is taken: by a demo still running?
+            why = IN_USE.format(ARGS.port + 1) if exc.errno == errno.EADDRINUSE else exc.strerror
+            sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {why}.")
+        host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
+        print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
+        try:
+            await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
+        finally:
+            await stop(server)
 
-            CONVERSATION = await broadcast_redis.start(ARGS.redis, HISTORY, deliver, CLIENTS)
-        settings = dict(origins=ORIGINS + ARGS.allow_origin, process_response=check, **SETTINGS)
-        server = await serve(handler, ARGS.host, port, **settings)
-    except OSError as exc:  # most often the port is taken: by a demo still running?
-        why = IN_USE.format(ARGS.port + 1) if exc.errno == errno.EADDRINUSE else exc.strerror
-        sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {why}.")
-    host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
-    print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
-    try:
-        await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
-    finally:
-        server.close()  # every client gets close code 1001 (going away)
-        connections = list(server.connections)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # or a second Ctrl+C
-            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
-        for websocket in connections:  # close() waits on drain() with no limit:
-            websocket.transport.abort()  # cut off the clients that are not reading
-        await server.wait_closed()
-        if ARGS.redis:
-            await CONVERSATION.close()
+
+async def stop(server):
+    """Close every connection with 1001 (going away); cut off those that don't answer."""
+    server.close()
+    connections = list(server.connections)
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    for websocket in connections:  # close() waits on drain() with no limit:
+        websocket.transport.abort()  # cut off the clients that are not reading
+    await server.wait_closed()
 
 
 if __name__ == "__main__":
@@ -258,22 +357,26 @@ if __name__ == "__main__":
     add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
     add("--allow-origin", action="append", default=[], help="also accept pages from that origin")
     add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
-    add("--history", type=int, default=100, help="messages kept for catching up (default: 100)")
-    add("--rate", type=int, default=RATE, help="messages a second per client (default: 5; 0: none)")
-    add("--redis", metavar="URL", help="share the conversation through Redis (docs/scaling-out.md)")
+    add("--max-per-address", type=int, default=20, help="clients per address (default: 20; 0: any)")
+    flags(add)  # this demo's own (above)
     ARGS = parser.parse_args()
     if not 0 <= ARGS.port <= 65535:
         parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
     if ARGS.max_clients < 1:
         parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
-    if ARGS.history < 0 or ARGS.rate < 0:
-        flag, value = ("--history", ARGS.history) if ARGS.history < 0 else ("--rate", ARGS.rate)
-        parser.error(f"{flag} must be 0 (off) or more, not {value}")
+    for name, value in vars(ARGS).items():  # every other number: 0 is off, below is a mistake
+        if type(value) is int and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more, not {value}")
     if ARGS.host not in ("localhost", "127.0.0.1", "::1"):
         print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
         ORIGINS.remove("null")  # there, "null" may be any web site in a sandboxed frame
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
+    # websockets 15 and 16 (Python 3.9, 3.10) log a client's bad handshake, a browser's plain
+    # http:// visit say, as an error with a traceback; 17 only answers it, as all of them do.
+    logging.getLogger("websockets.server").addFilter(
+        lambda record: not isinstance(record.exc_info and record.exc_info[1], InvalidHandshake)
+    )
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
         asyncio.run(main())
     print("Server stopped. Goodbye!")

@@ -21,6 +21,10 @@ import secrets
 import socket
 import sys
 import time
+from urllib.parse import urlsplit
+
+if sys.version_info < (3, 11):  # one sentence, as for every other mistake
+    sys.exit("--redis needs Python 3.11 or newer (python3 --version tells which you have)")
 
 try:
     import redis.asyncio as redis
@@ -32,10 +36,13 @@ try:
 except ModuleNotFoundError:  # one sentence, as for every other mistake
     sys.exit("--redis needs the redis package: pip install redis")
 
-MESSAGES = "broadcast:messages"  # a stream of what clients said: the history
-PRESENCE = "broadcast:presence"  # a stream of arrivals, departures and heartbeats
-COUNTER = "broadcast:client-numbers"  # client numbers, unique across processes
-BORN = "broadcast:client-numbers-born"  # when the counter was (re)made, by Redis's clock
+PREFIX = "broadcast"  # the keys' prefix (--redis-prefix): two deployments may share a Redis
+# The keys, after the prefix: a stream of what clients said (the history), a stream of
+# arrivals, departures and heartbeats, client numbers unique across processes, and when
+# that counter was (re)made, by Redis's clock.
+KEYS = ("messages", "presence", "client-numbers", "client-numbers-born")
+MAX_ENTRY = 16 * 1024  # characters in a stream entry: a larger one is skipped, not relayed
+MAX_TEXT = 1000  # characters in a message's text, as in 3_websocket_broadcast.py
 KEEP = 1000  # entries each stream keeps at least, so a process that lags finds them
 COUNT = 500  # entries one read takes at most: a process far behind catches up in steps
 HEARTBEAT = 2  # seconds between "I'm alive, with these clients" entries
@@ -43,6 +50,7 @@ SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as gone
 GRACE = 1.5  # seconds a new counter waits before numbering: running processes lift it first
 TIMEOUT = 5  # seconds for any Redis command, and for start-up and stop
 UNAVAILABLE = "broadcast unavailable: Redis is unreachable, try again soon"
+REFUSED = "message not sent: Redis refused it ({}), try again later"
 
 # Client numbers. After a Redis restart without persistence the counter starts again at
 # 0: each process lifts it above every number it knows to be in use, when it reconnects and
@@ -63,17 +71,27 @@ end
 return redis.call('INCR', KEYS[1])"""
 
 
-async def start(url, history, deliver, clients):
-    """Connect, check that Redis does all we need, load the history; or exit in one sentence."""
-    conversation = Conversation(url, history, deliver, clients)
+async def start(url, history, deliver, clients, prefix=PREFIX):
+    """Connect, check that Redis does all we need, load the history; or exit in one sentence.
+
+    A password in the URL would show in `ps`: REDIS_PASSWORD is used if the URL has none."""
+    conversation = Conversation(url, history, deliver, clients, prefix)
     try:
         async with asyncio.timeout(3 * TIMEOUT):
             await conversation.prepare()
     except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
         why = str(exc).rstrip(".") or "it does not answer"
-        sys.exit(f"Cannot use Redis at {url}: {why}. Check Redis, or run without --redis.")
-    logging.info("sharing the conversation through Redis at %s", url)
+        sys.exit(f"Cannot use Redis at {masked(url)}: {why}. Check Redis, or run without --redis.")
+    logging.info("sharing the conversation through Redis at %s (keys %s:*)", masked(url), prefix)
     return conversation
+
+
+def masked(url):
+    """The URL with its password, if any, as ***: fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def stream_id(text):
@@ -85,134 +103,9 @@ def stream_id(text):
         return None
 
 
-class Conversation:
-    """The same interface as the local Conversation in 3_websocket_broadcast.py."""
-
-    def __init__(self, url, history, deliver, clients):
-        # No retries inside redis-py: a retried XADD could add a message twice; this
-        # module retries a message itself, with the same uid, and delivers it once.
-        self.redis = redis.from_url(
-            url, socket_timeout=TIMEOUT, decode_responses=True, retry=Retry(NoBackoff(), 0)
-        )
-        self.history, self.deliver, self.clients = history, deliver, clients
-        # Unique even if two containers share a host name and a process id.
-        self.server = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.others = {}  # another process -> (its client numbers, when last heard)
-        self.last = {MESSAGES: "0-0", PRESENCE: "$"}  # the last entry read from each
-        self.seen = collections.OrderedDict()  # uids of the latest messages delivered
-        self.outbox = asyncio.Queue()  # commands for the next pipeline
-        self.retry = []  # message writes that timed out: sent again, same uid, once back
-        self.read = asyncio.Condition()  # notified after each read: new_client() waits on it
-        self.stopping = asyncio.Event()  # set by close()
-        self.connected = False  # True while Redis answers
-        self.arriving = 0  # clients waiting for a number: check() counts them already
-        self.tasks = []
-
-    @property
-    def available(self):
-        """Whether this process can serve a client: Redis answers and the reader runs."""
-        return self.connected and bool(self.tasks) and not self.tasks[0].done()
-
-    async def prepare(self):
-        """Run every command once, load the history, then read, write and beat."""
-        await self.redis.ping()
-        await self.lift_counter()
-        await self.load_history()
-        newest = await self.redis.xrevrange(PRESENCE, count=1)
-        self.last[PRESENCE] = newest[0][0] if newest else "0-0"
-        await self.redis.xadd(PRESENCE, self.entry(self.heartbeat_event()), maxlen=KEEP)
-        await self.redis.xread(self.last, count=1)
-        self.connected = True
-        for work in (self.relay, self.write, self.beat):
-            self.tasks.append(asyncio.create_task(work()))
-        self.tasks[0].add_done_callback(self.reader_ended)
-
-    async def load_history(self):
-        """The latest messages of the stream, read newest first in pages of COUNT."""
-        self.history.known = self.history.latest = "0-0"  # the stream's ids, from its start
-        try:
-            info = await self.redis.xinfo_stream(MESSAGES)
-        except ResponseError as exc:
-            if "no such key" not in str(exc):
-                raise
-            return  # no such stream yet: nothing was ever said
-        entries, upto, wanted = [], "+", self.history.size + 1
-        while len(entries) < wanted:
-            count = min(COUNT, wanted - len(entries))
-            page = await self.redis.xrevrange(MESSAGES, upto, "-", count=count)
-            entries += page
-            if len(page) < count:
-                break
-            upto = f"({page[-1][0]}"  # "(": before the oldest of this page
-        self.last[MESSAGES] = entries[0][0] if entries else info["last-generated-id"]
-        if len(entries) == wanted or info["entries-added"] > info["length"]:  # some are gone:
-            self.history.known = entries.pop()[0] if entries else self.last[MESSAGES]
-        self.history.latest = self.history.known  # until a message is added
-        for entry_id, fields in reversed(entries):
-            if event := self.message(entry_id, fields):
-                self.history.add(event)
-
-    # The interface the handler uses.
-
-    async def new_client(self, websocket, since):
-        """A number unique across processes; and once this process has read up to `since`.
-
-        A client whose process died may reach this one before it read the last message
-        the client saw: that `since` is not unknown, only not read yet. Wait for it."""
-        self.arriving += 1
-        try:
-            number = 0
-            async with asyncio.timeout(TIMEOUT):
-                while not number:  # 0: within the grace after a Redis restart
-                    number = await self.run("eval", *self.numbers(take=True))
-                    if not number:
-                        await asyncio.sleep(0.1)
-            if target := stream_id(since):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(TIMEOUT), self.read:
-                        await self.read.wait_for(lambda: stream_id(self.last[MESSAGES]) >= target)
-        except (RedisError, TimeoutError) as exc:
-            logging.warning("refused a client: no client number from Redis (%s)", exc)
-            await websocket.close(1013, "broadcast unavailable, try again later")
-            # End the handler as a cancelled task ends: quietly, nothing to clean up.
-            raise asyncio.CancelledError from None
-        finally:
-            self.arriving -= 1
-        return number
-
-    async def publish(self, event):
-        """Append an event to its stream; return None, or why it was not sent."""
-        if event["type"] != "message":  # presence: best effort, heartbeats correct it
-            if self.connected:
-                self.outbox.put_nowait(("xadd", (PRESENCE, self.entry(event)), KEEP, None))
-            return None
-        event = {**event, "time": time.time_ns() // 1_000_000, "uid": secrets.token_hex(8)}
-        try:
-            await self.run("xadd", MESSAGES, self.entry(event), message=True)
-        except RedisError as exc:  # Redis refused it, or was known to be away: not written
-            logging.warning("cannot write to Redis (%s)", exc)
-            return UNAVAILABLE
-        return None
-
-    def online(self):
-        """How many clients are connected, here and on every other live process."""
-        return len(self.clients) + sum(len(clients) for clients, _ in self.others.values())
-
-    async def close(self):
-        """Stop reading, writing and beating within about a second, whatever Redis does."""
-        self.stopping.set()  # relay() stops after its read
-        self.outbox.put_nowait(None)  # write() stops after what it is sending
-        self.tasks[2].cancel()  # beat() waits on a timer
-        # redis-py can hang when cancelled in the middle of a command: cancel only
-        # what did not stop by itself, and do not wait on it for long.
-        _, late = await asyncio.wait(self.tasks, timeout=1)
-        for task in late:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await self.redis.aclose()
-
-    # Writing: one pipeline at a time carries every command waiting, in order.
+class Writer:
+    """Writing, one of Conversation's three jobs: one pipeline at a time carries every
+    command waiting, in order; a message whose fate is unknown is sent again, once."""
 
     async def run(self, command, *args, message=False):
         """Run a Redis command in the next pipeline and return its result."""
@@ -248,11 +141,13 @@ class Conversation:
         """Hand a command's result to whoever waits; keep a message whose fate is unknown."""
         command, args, _, done = item
         uncertain = isinstance(result, Unreachable | NoAnswer)
-        if uncertain and command == "xadd" and args[0] == MESSAGES:
+        if uncertain and command == "xadd" and args[0] == self.MESSAGES:
             # It may have reached Redis, or not: say nothing yet, send it again when Redis
             # is back, and let relay() deliver its uid once, whichever copy it reads.
             self.retry.append(item)
             result = None
+        elif command == "xadd":  # every write says whether Redis takes writes (heartbeats too)
+            self.writable(result)
         if done is None or done.done():  # presence, or its sender went away meanwhile
             return
         if isinstance(result, Exception):
@@ -260,7 +155,19 @@ class Conversation:
         else:
             done.set_result(result)
 
-    # Reading: every entry of both streams, in order, for as long as the process runs.
+    def writable(self, result):
+        """Note whether Redis accepts writes: out of memory or disk, it answers but refuses."""
+        refused = isinstance(result, ResponseError)
+        if refused and not self.refusing:
+            logging.warning("Redis refuses writes (%s): refusing new clients (503)", result)
+        elif self.refusing and not refused:
+            logging.info("Redis accepts writes again")
+        self.refusing = str(result) if refused else None
+
+
+class Reader:
+    """Reading, one of Conversation's three jobs: every entry of both streams, in order,
+    for as long as the process runs; whatever is wrong with an entry is skipped."""
 
     async def relay(self):
         """Deliver each new entry; if Redis goes away, retry every second or so, then resume."""
@@ -273,11 +180,11 @@ class Conversation:
                     self.outbox.put_nowait(("ping", (), None, None))  # write() sends the retries
                     logging.info("Redis is back: relaying the conversation again")
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.xrange(MESSAGES, self.last[MESSAGES], self.last[MESSAGES])
-                pipe.xrange(MESSAGES, count=1)
+                pipe.xrange(self.MESSAGES, self.last[self.MESSAGES], self.last[self.MESSAGES])
+                pipe.xrange(self.MESSAGES, count=1)
                 pipe.xread(self.last, count=COUNT, block=500)
                 here, first, streams = await pipe.execute()
-                if self.last[MESSAGES] != "0-0" and not here:
+                if self.last[self.MESSAGES] != "0-0" and not here:
                     streams = self.lost_position(first[0][0] if first else None, streams)
                     await self.lift_counter()  # Redis may have restarted empty: so did it
                 for stream, entries in streams or []:
@@ -298,7 +205,7 @@ class Conversation:
     def lost_position(self, first, streams):
         """The entry last read is gone: trimmed while this process lagged, or Redis came back
         empty (restarted without persistence, or a replica that had not got it)."""
-        position = self.last[MESSAGES]
+        position = self.last[self.MESSAGES]
         logging.warning(
             "messages after %s may be lost here (the stream was trimmed or restarted): "
             "clients that come back from before will get the latest and recovered: false",
@@ -310,58 +217,72 @@ class Conversation:
         if first is None or stream_id(first) < stream_id(position):
             # Empty, or new ids below the old position (a clock behind): read from the
             # start, or they would be skipped. What was read above is read again.
-            self.last = {MESSAGES: "0-0", PRESENCE: "0-0"}
+            self.last = {self.MESSAGES: "0-0", self.PRESENCE: "0-0"}
             return []
         return streams
 
     def receive(self, stream, entry_id, fields):
         """Deliver one entry; anything wrong with it is logged with its id and skipped."""
         try:
-            event = self.parse(stream, entry_id, fields) if stream == PRESENCE else None
-            if event := event or self.message(entry_id, fields):
+            if stream == self.PRESENCE:
+                event = self.parse_presence(fields)
+            else:
+                event = self.message(entry_id, fields)
+            if event:
                 self.dispatch(event)
         except Exception as exc:  # one bad entry must not stop the reader
             logging.warning("skipped entry %s of %s (%r): %.200r", entry_id, stream, exc, fields)
 
     def message(self, entry_id, fields):
-        """The message in an entry, or None if its uid was delivered already (a write sent
-        again after a timeout, or read again after the stream came back)."""
-        event = self.parse(MESSAGES, entry_id, fields)
-        uid = event.pop("uid")
+        """The event in an entry of the messages stream, or None if its uid was delivered
+        already (a write sent again after a timeout, or read again after the stream came
+        back). Its fields pass unchanged, but for those a reader relies on, checked here:
+        an older process keeps what a newer one adds, during a rolling deploy."""
+        event = self.parse(fields)
+        if event["type"] == "message":
+            client, text, said = event.get("client"), event.get("text"), event.get("time")
+            if not (isinstance(client, int) and isinstance(text, str) and isinstance(said, int)):
+                raise TypeError("client and time must be numbers, text a string")
+            if len(text) > MAX_TEXT:
+                raise ValueError(f"text over {MAX_TEXT} characters")
+            text.encode()  # a lone surrogate could not be sent: refuse it here
+        uid = str(event.pop("uid", entry_id))
         if uid in self.seen:
             return None
         self.seen[uid] = None
         while len(self.seen) > 10 * KEEP:
             self.seen.popitem(last=False)
+        return {**event, "id": entry_id}  # stream ids are message ids
+
+    def parse(self, fields):
+        """The event in an entry: a JSON object with a type, of a bounded size."""
+        if len(fields["event"]) > MAX_ENTRY:
+            raise ValueError(f"over {MAX_ENTRY} characters")
+        event = json.loads(fields["event"])
+        if not (isinstance(event, dict) and isinstance(event.get("type"), str)):
+            raise TypeError("not an object with a type")
+        event.pop("server", None)  # which process wrote it: not for clients
         return event
 
-    def parse(self, stream, entry_id, fields):
-        """The event in an entry, checked: it raises if the entry is not what we wrote."""
-        event = json.loads(fields["event"])
-        if stream == MESSAGES:
-            client, text, said = event["client"], event["text"], event.get("time", 0)
-            if not (isinstance(client, int) and isinstance(text, str) and isinstance(said, int)):
-                raise TypeError("client and time must be numbers, text a string")
-            text.encode()  # a lone surrogate could not be sent: refuse it here
-            message = {"type": "message", "id": entry_id, "client": client, "text": text}
-            return {**message, "time": said, "uid": str(event.get("uid", entry_id))}
-        server = str(event["server"])
+    def parse_presence(self, fields):
+        """An entry of the presence stream, checked: a heartbeat, or who joined or left where."""
+        server, event = str(json.loads(fields["event"]).get("server")), self.parse(fields)
         if event["type"] == "heartbeat":
             clients = set(event["clients"])
             if not all(isinstance(n, int) for n in clients):
                 raise TypeError("clients must be numbers")
             return {"type": "heartbeat", "server": server, "clients": clients}
-        if event["type"] in ("joined", "left") and isinstance(event["client"], int):
+        if event["type"] in ("joined", "left") and isinstance(event.get("client"), int):
             return {"type": event["type"], "server": server, "client": event["client"]}
         raise ValueError(f"unknown type {event['type']!r}")
 
     def dispatch(self, event):
         """Deliver an event here, and keep count of the other processes' clients."""
-        server = event.pop("server", self.server)
+        server = event.pop("server", None)
         if event["type"] == "heartbeat":
             if server != self.server:
                 self.heard(server, event["clients"])
-        elif event["type"] == "message" or server == self.server:
+        elif server is None or server == self.server:  # a message, or a presence from here
             self.deliver(event)
         else:  # another process's "joined" or "left", unless its heartbeat told us already
             clients = self.others.get(server, (set(), 0))[0]
@@ -389,6 +310,144 @@ class Conversation:
         for websocket in list(self.clients):  # they would hear nothing more: send them on
             websocket.closing = asyncio.ensure_future(websocket.close(1013, "try another server"))
 
+
+class Conversation(Reader, Writer):
+    """The same interface as the local Conversation in 3_websocket_broadcast.py; it writes
+    (Writer, above), reads (Reader, above) and beats (below)."""
+
+    def __init__(self, url, history, deliver, clients, prefix=PREFIX):
+        # No retries inside redis-py: a retried XADD could add a message twice; this
+        # module retries a message itself, with the same uid, and delivers it once.
+        self.redis = redis.from_url(
+            url,
+            socket_timeout=TIMEOUT,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+            password=os.environ.get("REDIS_PASSWORD"),  # the URL's, if it has one
+        )
+        self.MESSAGES, self.PRESENCE, self.COUNTER, self.BORN = (f"{prefix}:{k}" for k in KEYS)
+        self.history, self.deliver, self.clients = history, deliver, clients
+        # Unique even if two containers share a host name and a process id.
+        self.server = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.others = {}  # another process -> (its client numbers, when last heard)
+        self.last = {self.MESSAGES: "0-0", self.PRESENCE: "$"}  # the last entry read from each
+        self.seen = collections.OrderedDict()  # uids of the latest messages delivered
+        self.outbox = asyncio.Queue()  # commands for the next pipeline
+        self.retry = []  # message writes that timed out: sent again, same uid, once back
+        self.read = asyncio.Condition()  # notified after each read: new_client() waits on it
+        self.stopping = asyncio.Event()  # set by close()
+        self.connected = False  # True while Redis answers
+        self.refusing = None  # what Redis said while it refuses writes (out of memory, disk)
+        self.tasks = []
+
+    @property
+    def available(self):
+        """Whether this process can serve a client: Redis answers, takes writes, and the
+        reader runs."""
+        reading = bool(self.tasks) and not self.tasks[0].done()
+        return self.connected and not self.refusing and reading
+
+    async def prepare(self):
+        """Run every command once, load the history, then read, write and beat."""
+        await self.redis.ping()
+        await self.lift_counter()
+        await self.load_history()
+        newest = await self.redis.xrevrange(self.PRESENCE, count=1)
+        self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"
+        await self.redis.xadd(self.PRESENCE, self.entry(self.heartbeat_event()), maxlen=KEEP)
+        await self.redis.xread(self.last, count=1)
+        self.connected = True
+        for work in (self.relay, self.write, self.beat):
+            self.tasks.append(asyncio.create_task(work()))
+        self.tasks[0].add_done_callback(self.reader_ended)
+
+    async def load_history(self):
+        """The latest messages of the stream, read newest first in pages of COUNT."""
+        self.history.known = self.history.latest = "0-0"  # the stream's ids, from its start
+        try:
+            info = await self.redis.xinfo_stream(self.MESSAGES)
+        except ResponseError as exc:
+            if "no such key" not in str(exc):
+                raise
+            return  # no such stream yet: nothing was ever said
+        entries, upto, wanted = [], "+", self.history.size + 1
+        while len(entries) < wanted:
+            count = min(COUNT, wanted - len(entries))
+            page = await self.redis.xrevrange(self.MESSAGES, upto, "-", count=count)
+            entries += page
+            if len(page) < count:
+                break
+            upto = f"({page[-1][0]}"  # "(": before the oldest of this page
+        self.last[self.MESSAGES] = entries[0][0] if entries else info["last-generated-id"]
+        if len(entries) == wanted or info["entries-added"] > info["length"]:  # some are gone:
+            self.history.known = entries.pop()[0] if entries else self.last[self.MESSAGES]
+        self.history.latest = self.history.known  # until a message is added
+        for entry_id, fields in reversed(entries):
+            with contextlib.suppress(Exception):  # a bad entry: relay() logs those it reads
+                if (event := self.message(entry_id, fields)) and event["type"] == "message":
+                    self.history.add(event)
+
+    # The interface the handler uses.
+
+    async def new_client(self, websocket, since):
+        """A number unique across processes; and once this process has read up to `since`.
+
+        A client whose process died may reach this one before it read the last message
+        the client saw: that `since` is not unknown, only not read yet. Wait for it."""
+        try:
+            number = 0
+            async with asyncio.timeout(TIMEOUT):
+                while not number:  # 0: within the grace after a Redis restart
+                    number = await self.run("eval", *self.numbers(take=True))
+                    if not number:
+                        await asyncio.sleep(0.1)
+            if target := stream_id(since):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TIMEOUT), self.read:
+                        last = self.MESSAGES
+                        await self.read.wait_for(lambda: stream_id(self.last[last]) >= target)
+        except (RedisError, TimeoutError) as exc:
+            logging.warning("refused a client: no client number from Redis (%s)", exc)
+            await websocket.close(1013, "broadcast unavailable, try again later")
+            # End the handler as a cancelled task ends: quietly, nothing to clean up.
+            raise asyncio.CancelledError from None
+        return number
+
+    async def publish(self, event):
+        """Append an event to its stream; return None, or why it was not sent."""
+        if event["type"] in ("joined", "left"):  # presence: best effort, heartbeats correct it
+            if self.connected:
+                self.outbox.put_nowait(("xadd", (self.PRESENCE, self.entry(event)), KEEP, None))
+            return None
+        event = {**event, "time": time.time_ns() // 1_000_000, "uid": secrets.token_hex(8)}
+        try:
+            await self.run("xadd", self.MESSAGES, self.entry(event), message=True)
+        except ResponseError as exc:  # Redis answered, and refused it: say what it said
+            logging.warning("Redis refused a message (%s)", exc)
+            return REFUSED.format(str(exc).rstrip("."))
+        except RedisError as exc:  # Redis was known to be away: not written
+            logging.warning("cannot write to Redis (%s)", exc)
+            return UNAVAILABLE
+        return None
+
+    def online(self):
+        """How many clients are connected, here and on every other live process."""
+        return len(self.clients) + sum(len(clients) for clients, _ in self.others.values())
+
+    async def close(self):
+        """Stop reading, writing and beating within about a second, whatever Redis does."""
+        self.stopping.set()  # relay() stops after its read
+        self.outbox.put_nowait(None)  # write() stops after what it is sending
+        self.tasks[2].cancel()  # beat() waits on a timer
+        # redis-py can hang when cancelled in the middle of a command: cancel only
+        # what did not stop by itself, and do not wait on it for long.
+        _, late = await asyncio.wait(self.tasks, timeout=1)
+        for task in late:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self.redis.aclose()
+
     # Heartbeats: who is connected here; forget the processes that went silent.
 
     async def beat(self):
@@ -396,10 +455,12 @@ class Conversation:
             await asyncio.sleep(HEARTBEAT)
             if self.connected:
                 event = self.heartbeat_event()
-                self.outbox.put_nowait(("xadd", (PRESENCE, self.entry(event)), KEEP, None))
+                self.outbox.put_nowait(("xadd", (self.PRESENCE, self.entry(event)), KEEP, None))
             now = asyncio.get_running_loop().time()
             for server, (clients, heard) in list(self.others.items()):
-                if now - heard > SILENT_LIMIT:  # killed, or cut off from Redis
+                if self.refusing:  # nobody's heartbeat can be written: silence says nothing
+                    self.others[server] = (clients, now)
+                elif now - heard > SILENT_LIMIT:  # killed, or cut off from Redis
                     del self.others[server]
                     if clients:
                         logging.warning("%s went silent; its %d clients left", server, len(clients))
@@ -418,4 +479,4 @@ class Conversation:
     def numbers(self, take):
         """The arguments of NUMBERS: take a number, or only lift the counter."""
         known = [*self.clients.values(), *(n for c, _ in self.others.values() for n in c)]
-        return NUMBERS, 2, COUNTER, BORN, GRACE * 1000, max(known, default=0), int(take)
+        return NUMBERS, 2, self.COUNTER, self.BORN, GRACE * 1000, max(known, default=0), int(take)

@@ -169,6 +169,9 @@ class Nginx:
             (r"worker_connections \d+", "worker_connections 19000"),
             (r"@UPSTREAMS@", "\n        ".join(upstreams)),
             (r"@ROOT@", str(directory)),
+            # The load comes from one address: the per-address limits would refuse it.
+            (r"\n\s*limit_(conn|req) (connections|zone=handshakes)[^\n]*", ""),
+            (r"@CSP@", "default-src 'none'"),  # no page is served here
         ]
         if tls:
             swaps += [("@CERT@", str(ROOT / "cert.pem")), ("@KEY@", str(ROOT / "key.pem"))]

@@ -34,7 +34,7 @@ class Locked(broadcast_redis.Conversation):
     async def publish(self, event):
         event = {**event, "time": 0, "uid": secrets.token_hex(8)}
         async with self.lock:
-            await self.redis.xadd(broadcast_redis.MESSAGES, self.entry(event), maxlen=1000)
+            await self.redis.xadd(self.MESSAGES, self.entry(event), maxlen=1000)
 
 
 async def rate(kind, url, senders, each):
