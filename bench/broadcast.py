@@ -56,7 +56,10 @@ SOCKETIO, FASTAPI, AIOHTTP = "python-socketio", "FastAPI tutorial loop", "aiohtt
 LOAD = Path(__file__).with_name("load.py")
 RESULTS = ROOT / "bench" / "results"
 # --rate 0: the load's one sender talks far faster than the 5 a second a person may.
-DEMO_COMMAND = python(DEMO, "--port", 0, "--max-clients", 20000, "--rate", 0)
+# The load comes from one address: no limits per address (--max-per-address 0, --rate 0).
+DEMO_COMMAND = python(
+    DEMO, "--port", 0, "--max-clients", 20000, "--max-per-address", 0, "--rate", 0
+)
 # framing: "demo" speaks the demo's JSON, "socketio" the same inside Socket.IO packets,
 # "bare" relays the sender's text as it is (the library references).
 Entry = namedtuple("Entry", "command compression framing")
@@ -111,7 +114,11 @@ def memory_servers(latency):
         name: latency[name] for name in (DEMO, NODE, BARE, f"{BARE}, deflate") if name in latency
     }
     for script in ("1_websocket_server.py", "2_websocket_echo.py"):
-        found[script] = Entry(python(script, "--port", 0, "--max-clients", 20000), "off", "bare")
+        found[script] = Entry(
+            python(script, "--port", 0, "--max-clients", 20000, "--max-per-address", 0),
+            "off",
+            "bare",
+        )
     return found
 
 

@@ -39,10 +39,13 @@ def servers():
     """name -> (command, compression, logs to a file)"""
     found = {
         "2_websocket_echo.py --quiet": (
-            python("2_websocket_echo.py", "--quiet", "--port", 0),
+            python("2_websocket_echo.py", "--quiet", "--port", 0, "--max-per-address", 0),
             "off",
         ),
-        "2_websocket_echo.py, log to a file": (python("2_websocket_echo.py", "--port", 0), "off"),
+        "2_websocket_echo.py, log to a file": (
+            python("2_websocket_echo.py", "--port", 0, "--max-per-address", 0),
+            "off",
+        ),
         BASELINE: (python("bench/servers.py", "bare-echo"), "off"),
         f"{BASELINE}, deflate": (python("bench/servers.py", "bare-echo", "--deflate"), "deflate"),
         "Node ws echo": (node_ws("echo"), "off"),
