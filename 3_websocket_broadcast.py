@@ -255,6 +255,7 @@ class Connection(ServerConnection):
             warn(self.address, "disconnected a client from %s: %s", self.address, reason)
             self.protocol.fail(1008, reason)
             super().send_data()
+            self.transport.pause_reading()  # what it sends from now on is not worth reading
             self.loop.call_later(TIMEOUT, self.transport.abort)
 
 
@@ -321,7 +322,8 @@ async def main():
             loop.add_signal_handler(sig, main_task.cancel)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
-    hooks = dict(process_request=health, process_response=check, create_connection=Connection)
+    hooks = dict(process_response=check, create_connection=Connection)  # below
+    hooks.update(process_request=health)  # GET /health, above
     async with lifespan():  # what the handler shares (above): made first, closed last
         try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
             with socket.create_server((ARGS.host, ARGS.port)) as probe:

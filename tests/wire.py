@@ -6,9 +6,11 @@ import socket
 import struct
 
 
-def raw_connect(port, timeout=10):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    return sock
+def raw_connect(port, timeout=10, source="127.0.0.1"):
+    """A TCP connection from a loopback address (all of 127.0.0.0/8 is this machine)."""
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    )
 
 
 def request(path="/", extra=""):
