@@ -467,3 +467,28 @@ async def test_a_reader_that_stopped_makes_the_process_refuse_clients(
             pass
     assert refused.value.response.status_code == 503
     assert (await asyncio.to_thread(health_of, script))[0] == 503
+
+
+async def test_a_foreign_writer_s_unknown_field_reaches_every_client_and_its_type_is_skipped(
+    start, redis_server
+):
+    """Another writer (a newer version, during a rolling deploy) adds a field and a type."""
+    one, two, sender, reader = await two_processes(start, redis_server)
+    newer = {"type": "message", "client": 99, "text": "hello", "time": 1, "mood": {"x": [1]}}
+    async with redis.asyncio.from_url(redis_server.url) as r:
+        await r.xadd("broadcast:messages", {"event": json.dumps({"type": "reaction", "to": 1})})
+        await r.xadd("broadcast:messages", {"event": json.dumps(newer)})
+        await r.xadd("broadcast:messages", {"event": json.dumps({"type": "reaction", "to": 2})})
+    for listener in (sender, reader):
+        await Listener.until(lambda listener=listener: texts(listener) == ["hello"])
+        message = listener.of("message")[0]
+        assert message["mood"] == {"x": [1]}  # unchanged, whatever this version knows
+        assert (message["client"], message["text"], message["time"]) == (99, "hello", 1)
+        assert isinstance(message["id"], str)
+        assert not listener.of("reaction")
+    async with client(two.url, user=3) as newcomer:  # in the history too
+        assert json.loads(await newcomer.recv())["history"][-1]["mood"] == {"x": [1]}
+    for s in (one, two):  # skipped with one line, however many arrive
+        await s.until("skipped events of unknown type 'reaction'")
+        assert s.text().count("skipped events of unknown type") == 1
+        assert_clean(s)
