@@ -682,3 +682,22 @@ def test_a_storm_of_arrivals_is_announced_as_a_count(open_page):
     expect(page.locator("#clients")).to_have_text("36")
     assert log_lines(page, ".notice")[-2:] == ["37 clients joined.", "2 clients left."]
     assert page.problems == []
+
+
+def test_the_page_ignores_fields_and_types_it_does_not_know(open_page):
+    """A newer server may add fields and event types: the page shows what it knows."""
+    page = open_page("3_client_broadcast.html", "ws://localhost:8765", before=mocked)
+    expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    newer = {"mood": "<b>happy</b>", "reactions": {"+1": 3}}
+    page.routes[-1].send(json.dumps(WELCOME | newer))
+    page.routes[-1].send(json.dumps({"type": "reaction", "to": "1-1", "text": "not shown"}))
+    message = {"type": "message", "id": "1-1", "client": 2, "text": "hi", "time": 0}
+    page.routes[-1].send(json.dumps(message | newer))
+    page.routes[-1].send(
+        json.dumps({"type": "presence", "clients": 2, "joined": [2], "left": []} | newer)
+    )
+    expect(page.locator("#clients")).to_have_text("2")
+    assert log_lines(page, ".message") == ["#2: hi"]
+    assert "not shown" not in page.locator("#log").text_content()
+    assert "happy" not in page.locator("#log").text_content()
+    assert page.problems == []
