@@ -492,3 +492,85 @@ async def test_a_foreign_writer_s_unknown_field_reaches_every_client_and_its_typ
         await s.until("skipped events of unknown type 'reaction'")
         assert s.text().count("skipped events of unknown type") == 1
         assert_clean(s)
+
+
+async def test_the_redis_password_is_in_no_log_line(start, redis_server):
+    secret = "s3cret-Pass"
+    async with redis.asyncio.from_url(redis_server.url) as r:
+        await r.config_set("requirepass", secret)
+    with_url = start(SCRIPT, "--redis", redis_server.url.replace("//", f"//:{secret}@"))
+    env = {**os.environ, "REDIS_PASSWORD": secret}  # kept off the command line (ps)
+    from_env = start(SCRIPT, "--redis", redis_server.url, env=env)
+    for script in (with_url, from_env):
+        async with client(script.url) as ws:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+    wrong_url = redis_server.url.replace("//", "//:wrong-Pass@")
+    wrong = start(SCRIPT, "--redis", wrong_url, wait_ready=False)
+    assert await asyncio.to_thread(wrong.wait, 20) == 1
+    assert ":***@" in wrong.text() and "wrong-Pass" not in wrong.text()
+    for script in (with_url, from_env):
+        assert await asyncio.to_thread(script.stop) == 0
+        assert secret not in script.text()
+    assert ":***@" in with_url.text()
+
+
+async def test_two_prefixes_share_a_redis_and_not_a_conversation(start, redis_server):
+    blue = start(SCRIPT, "--redis", redis_server.url, "--redis-prefix", "blue")
+    green = start(SCRIPT, "--redis", redis_server.url)  # the default: broadcast
+    listeners = [await Listener.connect(s.url) for s in (blue, green)]
+    await Listener.until(lambda: all(c.of("welcome") for c in listeners))
+    await listeners[0].ws.send("for blue")
+    await listeners[1].ws.send("for green")
+    await Listener.until(lambda: texts(listeners[0]) == ["for blue"])
+    await Listener.until(lambda: texts(listeners[1]) == ["for green"])
+    assert listeners[0].of("welcome")[0]["client"] == listeners[1].of("welcome")[0]["client"]
+    async with redis.asyncio.from_url(redis_server.url) as r:
+        assert await r.xlen("blue:messages") == 1 and await r.xlen("broadcast:messages") == 1
+
+
+async def test_an_oversized_entry_is_skipped_and_logged(start, redis_server):
+    one, two, sender, reader = await two_processes(start, redis_server)
+    huge = {"type": "message", "client": 1, "text": "x" * 1000, "time": 0, "pad": "y" * 30_000}
+    async with redis.asyncio.from_url(redis_server.url) as r:
+        await r.xadd("broadcast:messages", {"event": json.dumps(huge)})  # 30 KB: not relayed
+    await sender.ws.send("after it")
+    await Listener.until(lambda: texts(reader) == texts(sender) == ["after it"])
+    for s in (one, two):
+        await s.until("over 16384 characters")
+        assert_clean(s)
+
+
+async def health_becomes(script, status, timeout=10):
+    """Poll /health (as nginx or a load balancer does) until it answers `status`."""
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(health_of, script))[0] != status:
+        assert time.monotonic() < deadline, f"/health never answered {status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_refusing_writes_turns_health_to_503_with_no_false_departures(
+    start, redis_server
+):
+    """Out of memory (or disk), Redis answers and refuses every write, heartbeats too."""
+    one, two, sender, reader = await two_processes(start, redis_server)
+    async with redis.asyncio.from_url(redis_server.url) as r:
+        await r.config_set("maxmemory-policy", "noeviction")
+        await r.config_set("maxmemory", 1)
+        await sender.ws.send("refused")
+        await Listener.until(lambda: sender.of("error"))
+        assert sender.of("error")[0]["reason"].startswith("message not sent: Redis refused it (")
+        for s in (one, two):  # the next heartbeat tells the other process too
+            await health_becomes(s, 503)
+            await s.until("Redis refuses writes")
+        # Past SILENT_LIMIT (7 s) without a heartbeat either way: nobody is announced gone.
+        await asyncio.sleep(9)
+        await r.config_set("maxmemory", 0)
+    for s in (one, two):
+        await health_becomes(s, 200)
+    await sender.ws.send("accepted again")
+    await Listener.until(lambda: texts(reader) == ["accepted again"])
+    for listener in (sender, reader):
+        assert all(not event["left"] for event in listener.of("presence")), listener.of("presence")
+    for s in (one, two):
+        assert "went silent" not in s.text()
+        assert_clean(s)
