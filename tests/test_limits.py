@@ -6,13 +6,14 @@ user from 127.0.0.3, so that the limits per address can tell them apart."""
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import time
 
 import psutil
 import pytest
-from conftest import SCRIPTS, assert_clean, client
+from conftest import SCRIPTS, Listener, assert_clean, client
 from websockets.exceptions import InvalidStatus
 from wire import frame, handshake
 
@@ -166,4 +167,35 @@ async def test_a_reconnect_loop_on_since_is_refused_before_it_amplifies(start):
     # Before: 146-154 welcomes a second, 2,069 times what the loop sent.
     assert welcomed <= 20 + took + 1, (welcomed, took)
     print(f"since loop: {welcomed} of 60 welcomed in {took:.1f} s, {received / sent:.0f}x sent")
+    assert_clean(script)
+
+
+def talk_without_reading(port):
+    """A talker that sends messages back to back and never reads what comes back."""
+    sock, _ = handshake(port, source="127.0.0.5")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(0.5)
+    with contextlib.suppress(OSError):
+        for _ in range(3000):
+            sock.sendall(frame(0x1, b"x" * 1000))
+    return sock
+
+
+async def test_sigterm_under_a_flood_exits_within_the_close_timeout(start):
+    """200 readers, a talker that never reads (--rate 0), a ping flooder: before, 5.5-10.9 s,
+    once past Supervisor's stopwaitsecs (10)."""
+    script = start(BROADCAST, "--rate", "0", "--max-per-address", "0")
+    readers = [await Listener.connect(script.url, user=i) for i in range(200)]
+    await Listener.until(lambda: all(r.of("welcome") for r in readers))
+    talker = await asyncio.to_thread(talk_without_reading, script.port)
+    flooder, _ = await asyncio.to_thread(ping_flood, script.port, 1)
+    t0 = time.monotonic()
+    script.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(script.wait, 15) == 0
+    took = time.monotonic() - t0
+    talker.close()
+    flooder.close()
+    print(f"SIGTERM under a flood: stopped in {took:.1f} s")
+    assert took < 5 + 1, took  # TIMEOUT (5 s), then every connection still open is cut
+    assert "Goodbye" in script.text("stdout")
     assert_clean(script)
