@@ -100,7 +100,7 @@ async def test_bad_messages_get_an_error_and_the_sender_stays(start, message, re
     async with client(script.url) as sender, client(script.url) as other:
         await sender.send(message)
         error = await next_event(sender, "error")
-        assert set(error) == {"type", "reason"} and reason in error["reason"]
+        assert isinstance(error["reason"], str) and reason in error["reason"]  # other fields: open
         await sender.send("x" * 1000)  # still connected; exactly the limit is fine
         assert (await next_event(other, "message"))["text"] == "x" * 1000
         assert (await next_event(sender, "message"))["text"] == "x" * 1000
