@@ -46,7 +46,8 @@ async def handler(websocket):
     address = "{}:{}".format(*websocket.remote_address[:2])
     try:
         if problem := await authenticate(websocket):
-            logging.warning("refused a client from %s: %s", address, problem)
+            # Once per address and reason every 10 s (warn(), below): not once per attempt.
+            warn((websocket.address, problem), "refused a client from %s: %s", address, problem)
             return await websocket.close(CloseCode.POLICY_VIOLATION, problem)
         await echo(websocket, address)
     except ConnectionClosed:
