@@ -34,7 +34,7 @@ class Script:
         self.changed = threading.Condition()
         launcher = ["-c", code] if code else []
         # SCRIPT_PYTHON: run the numbered scripts (only them) on another Python, e.g. 3.9.
-        numbered = name[0].isdigit()
+        numbered = name[0].isdigit() or name.startswith("recipes/")
         python = (os.environ.get("SCRIPT_PYTHON") if numbered else None) or sys.executable
         self.proc = subprocess.Popen(
             [python, "-u", *launcher, str(ROOT / name), *args],

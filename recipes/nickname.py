@@ -1,0 +1,390 @@
+"""Recipe: script 3 with a nickname on every message (docs/recipes.md, "Add a field").
+
+Run it:    python recipes/nickname.py        (with --redis URL too)
+Connect:   python -m websockets "ws://localhost:8765/?name=Ada"
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import errno
+import json
+import logging
+import re
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.frames import Opcode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # broadcast_redis.py is there
+CLIENTS = {}  # the connections that are open right now -> their client number
+HISTORY = CONVERSATION = RATES = STRIKES = None  # made by lifespan(), below
+MAX_TEXT = 1000  # characters in one chat message
+MAX_NAME = 30  # characters in a nickname
+# JSON as UTF-8: an emoji takes 4 bytes, not 12 as the escape \ud83d\ude00 would.
+to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+async def handler(websocket):
+    """Welcome a client with what it missed, then relay each of its messages to everyone."""
+    # A client that comes back names the last message it saw: ws://localhost:8765/?since=ID
+    query = parse_qs(urlsplit(websocket.request.path).query)
+    since = query.get("since", [None])[0]
+    # The new field: ?name=Ada. Plain text, as the message is: a page shows it with textContent.
+    name = query.get("name", [""])[0].strip()[:MAX_NAME] or "anonymous"
+    client = await CONVERSATION.new_client(websocket, since)  # its number: 1, 2, 3...
+    # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
+    # so each message is either in the welcome's history or sent after it, exactly once.
+    CLIENTS[websocket] = client
+    welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online()}
+    welcome |= HISTORY.since(since)  # {"history": [...], "recovered": bool, "latest": ID}
+    logging.info("client #%d connected from %s", client, websocket.address)
+    try:
+        await websocket.send(to_json(welcome))
+        await CONVERSATION.publish({"type": "joined", "client": client})
+        async for message in websocket:
+            problem = problem_with(message, websocket)
+            if problem is None:
+                event = {"type": "message", "client": client, "name": name, "text": message}
+                problem = await CONVERSATION.publish(event)  # None, or (--redis) why not
+            if problem:
+                await websocket.send(to_json({"type": "error", "reason": problem}))
+    except ConnectionClosed:
+        pass  # it left, maybe in the middle of a send(): normal on networks
+    finally:
+        # finally runs however the connection ends, so the count never drifts.
+        del CLIENTS[websocket]
+        logging.info("client #%d disconnected: %s", client, websocket.protocol.close_exc)
+        await CONVERSATION.publish({"type": "left", "client": client})
+
+
+def deliver(event):
+    """Hand an event to the clients here; with --redis, events come from every process."""
+    if event["type"] == "message":
+        HISTORY.add(event)
+        logging.info(
+            "client #%d to %d clients: %.80r", event["client"], len(CLIENTS), event["text"]
+        )
+        send_to_all(event)
+    elif event["type"] in ("joined", "left"):
+        # Announced in batches, 5 a second at most: the first change since the last
+        # announcement schedules the next one, and later ones ride along.
+        if not (JOINED or LEFT):
+            asyncio.get_running_loop().call_later(0.2, announce_presence)
+        (JOINED if event["type"] == "joined" else LEFT).append(event["client"])
+    else:  # a type that a newer version sends, during a rolling deploy: skip it
+        warn(event["type"], "skipped events of unknown type %r", event["type"])
+
+
+def send_to_all(event):
+    """Send an event to every client here without waiting for any of them."""
+    # A client that falls behind is cut off (see Connection, below): never the others.
+    broadcast(CLIENTS, to_json(event))
+
+
+# What protects everyone: one client cannot flood the others, nor hold the server's memory.
+
+RATE = 5  # messages a second from one address, in bursts of up to twice that (--rate)
+
+
+def problem_with(message, websocket):
+    """Say what is wrong with a message, or return None if it can be broadcast."""
+    if not RATES.take(websocket.address):  # per address: reconnecting resets nothing
+        if not STRIKES.take(websocket.address):  # some 100 refused in 10 s: a program
+            websocket.cut("too many messages")
+        return f"too many messages: at most {ARGS.rate} a second"
+    if isinstance(message, bytes):
+        return "binary messages are not supported: send text"
+    if not message.strip():
+        return "empty message: type something first"
+    if len(message) > MAX_TEXT:
+        return f"message too long: {len(message)} characters, the limit is {MAX_TEXT}"
+    return None
+
+
+# The conversation: in this process, or shared by several through Redis (--redis).
+
+JOINED, LEFT = [], []  # arrivals and departures not announced yet
+
+
+def announce_presence():
+    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
+    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
+    online = CONVERSATION.online()
+    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
+    del JOINED[:], LEFT[:]
+
+
+class History:
+    """The latest messages, oldest first, so that a client that comes back can catch up.
+
+    At most `size` messages and 512 KiB: a welcome fits in a websockets client's 1 MiB."""
+
+    def __init__(self, size, start):
+        self.size, self.messages, self.bytes = size, collections.deque(), 0
+        self.known = self.latest = start  # all after `known` is here; `latest`: the newest id
+
+    def add(self, event):
+        self.messages.append(event)
+        self.bytes += len(to_json(event).encode())
+        self.latest = event["id"]
+        while len(self.messages) > self.size or self.bytes > 512 * 1024:  # the oldest go
+            oldest = self.messages.popleft()
+            self.bytes -= len(to_json(oldest).encode())
+            self.known = oldest["id"]
+
+    def since(self, message_id):
+        """Every message after message_id if all are here, else the latest 20 (not recovered)."""
+        ids = [self.known, *(event["id"] for event in self.messages)]
+        recovered = message_id in ids
+        history = list(self.messages)[ids.index(message_id) if recovered else -20 :]
+        return {"history": history, "recovered": recovered, "latest": self.latest}
+
+
+class Conversation:
+    """One process, one conversation; with --redis, broadcast_redis.Conversation instead."""
+
+    available = True  # --redis: False while Redis is away
+    clients = messages = 0  # how many came, and were said, so far
+    started = time.time_ns() // 1_000_000  # ids start with it: none repeats after a restart
+
+    async def new_client(self, websocket, since):
+        self.clients += 1
+        return self.clients
+
+    async def publish(self, event):
+        """Deliver an event to every client; return None, or why it could not be."""
+        if event["type"] == "message":  # it gets an id, and the time it was said (in ms)
+            self.messages += 1
+            event |= {"id": f"{self.started}-{self.messages}", "time": time.time_ns() // 10**6}
+        deliver(event)
+
+    def online(self):
+        return len(CLIENTS)
+
+    async def close(self):
+        pass
+
+
+@contextlib.asynccontextmanager
+async def lifespan():
+    """What the handler shares: made once the port is ours, closed after the last client."""
+    global HISTORY, CONVERSATION, RATES, STRIKES
+    RATES, STRIKES = Limit(ARGS.rate, 2 * ARGS.rate), Limit(10, 100)
+    HISTORY, CONVERSATION = History(ARGS.history, f"{Conversation.started}-0"), Conversation()
+    if ARGS.redis:  # the demo alone never imports redis
+        import broadcast_redis
+
+        keys = ARGS.redis_prefix
+        CONVERSATION = await broadcast_redis.start(ARGS.redis, HISTORY, deliver, CLIENTS, keys)
+    try:
+        yield
+    finally:  # however main() ends: Ctrl+C arrives as an exception here
+        await CONVERSATION.close()
+
+
+def health(connection, request):
+    """Answer GET /health (for nginx or a load balancer); while Redis is away, 503 to all."""
+    ok = CONVERSATION.available
+    if request.path == "/health":
+        body = {"status": "ok" if ok else "unavailable", "clients": len(CLIENTS)}
+        return connection.respond(200 if ok else 503, to_json(body) + "\n")
+    if not ok:
+        warn("redis", "refused a client: the broadcast is unavailable until Redis is back")
+        return connection.respond(503, "Broadcast unavailable, try again soon.\n")
+    return None
+
+
+def flags(add):
+    """This demo's own flags; the start-up below adds the shared ones."""
+    add("--history", type=int, default=100, help="messages kept for catching up (default: 100)")
+    add("--rate", type=int, default=RATE, help="messages a second per address (default: 5; 0: any)")
+    add("--redis", metavar="URL", help="share the conversation through Redis (docs/scaling-out.md)")
+    add("--redis-prefix", default="broadcast", help="its keys' prefix (default: broadcast)")
+
+
+# --- Start-up, flags and safety checks: the same in every numbered script. ---
+
+TIMEOUT = 5  # seconds for an opening or closing handshake to finish
+MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off (1008)
+KERNEL_BUFFER = 64 * 1024  # bytes the system may hold for a socket each way (Linux: twice)
+# 64 KiB at most per message (more: close code 1009); no compression (docs/performance.md).
+SETTINGS = dict(max_size=64 * 1024, compression=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+# Programs (no Origin), pages from disk ("null") or this machine: other sites could hijack it.
+ORIGINS = [None, "null", re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")]
+IN_USE = "it is already in use. Another demo still running? Stop it with Ctrl+C, or use --port {}"
+
+
+class Connection(ServerConnection):
+    """A connection that costs what it may: not read while its writes wait (pongs too), cut
+    off past MAX_BACKLOG behind or with too many pings."""
+
+    address = None  # where the client is, once check() lets it in
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")  # KiB, not MiB, waiting in the kernel:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # so nearly all is counted here
+            sock.setsockopt(socket.SOL_SOCKET, option, KERNEL_BUFFER)
+        # Read only when both allow it: the queue of unread messages, and the writes.
+        self.recv_messages.resume = lambda: self.paused or transport.resume_reading()
+
+    def pause_writing(self):  # over 32 KiB unsent (write_limit): stop reading from it
+        super().pause_writing()
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        super().resume_writing()
+        if not self.recv_messages.paused:
+            self.transport.resume_reading()
+
+    def send_data(self):  # every write passes here: send(), broadcast() and pongs
+        super().send_data()
+        if self.transport.get_write_buffer_size() > MAX_BACKLOG:
+            self.cut("too slow")
+
+    def process_event(self, event):
+        if getattr(event, "opcode", None) is Opcode.PING and not PINGS.take(self.address):
+            self.cut("too many pings")
+        super().process_event(event)
+
+    def cut(self, reason):
+        """Close with 1008 at once; drop the TCP connection if the client doesn't answer."""
+        if self.protocol.state.name == "OPEN":
+            warn(self.address, "disconnected a client from %s: %s", self.address, reason)
+            self.protocol.fail(1008, reason)
+            super().send_data()
+            self.transport.pause_reading()  # what it sends from now on is not worth reading
+            self.loop.call_later(TIMEOUT, self.transport.abort)
+
+
+class Limit:
+    """Token buckets, one per key (an address): `rate` a second, in bursts up to `burst`."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.buckets = rate, burst, {}
+
+    def take(self, key):
+        """Take a token from the key's bucket; False if it is empty (rate 0: never)."""
+        now = time.monotonic()
+        tokens, then = self.buckets.pop(key, (self.burst, now))  # put back last: LRU order
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        allowed = tokens >= 1 or not self.rate
+        self.buckets[key] = (tokens - 1 if allowed else tokens, now)
+        if len(self.buckets) > 10_000:  # forget the least recently seen: memory stays bounded
+            del self.buckets[next(iter(self.buckets))]
+        return allowed
+
+
+HANDSHAKES, PINGS, WARNED = Limit(1, 20), Limit(2, 20), Limit(0.1, 1)  # per address
+
+
+def warn(key, message, *args):
+    """Log a warning once per key (an address) every 10 s, not once per attempt."""
+    if WARNED.take((key, message)):
+        logging.warning(message, *args)
+
+
+def check(connection, request, response):
+    """Let a client in, or say why not: its origin, too many clients, too many from its
+    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address."""
+    status, host = response.status_code, connection.remote_address[0]
+    if host in ("127.0.0.1", "::1"):  # X-Real-IP from anywhere else could be a lie
+        host = request.headers.get("X-Real-IP", host)
+    # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
+    proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
+    if status == 101 and proxied and request.headers.get("Origin") == "null":
+        response = connection.respond(403, "Origin null is refused through a proxy.\n")
+    if response.status_code == 403:  # websockets refused the Origin, or the line above did
+        origin = request.headers.get("Origin")
+        warn(host, "refused origin %r; to allow it: --allow-origin %r", origin, origin)
+        return response
+    if status == 101 and len(connection.server.connections) >= ARGS.max_clients:
+        warn(None, "refused a client: server full (--max-clients %d)", ARGS.max_clients)
+        return connection.respond(503, "Server full.\n")
+    limited = status == 101 and ARGS.max_per_address  # 0: no limits per address
+    from_there = limited and sum(c.address == host for c in connection.server.connections)
+    if limited and from_there >= ARGS.max_per_address:
+        warn(host, "refused a client from %s: --max-per-address %d", host, ARGS.max_per_address)
+        return connection.respond(429, "Too many connections from your address.\n")
+    if limited and not HANDSHAKES.take(host):
+        warn(host, "refused a client from %s: too many connection attempts", host)
+        return connection.respond(429, "Too many connection attempts: wait a second.\n")
+    connection.address = host
+    return response
+
+
+async def main():
+    loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
+        try:
+            loop.add_signal_handler(sig, main_task.cancel)
+        except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
+    hooks = dict(process_response=check, create_connection=Connection)  # below
+    hooks.update(process_request=health)  # GET /health, above
+    async with lifespan():  # what the handler shares (above): made first, closed last
+        try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
+            with socket.create_server((ARGS.host, ARGS.port)) as probe:
+                port = probe.getsockname()[1]
+            origins = ORIGINS + ARGS.allow_origin
+            server = await serve(handler, ARGS.host, port, origins=origins, **hooks, **SETTINGS)
+        except OSError as exc:  # most often the port is taken: by a demo still running?
+            why = IN_USE.format(ARGS.port + 1) if exc.errno == errno.EADDRINUSE else exc.strerror
+            sys.exit(f"Cannot listen on {ARGS.host} port {ARGS.port}: {why}.")
+        host = f"[{ARGS.host}]" if ":" in ARGS.host else ARGS.host
+        print(f"Listening on ws://{host}:{port} (Ctrl+C to stop)", flush=True)
+        try:
+            await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
+        finally:
+            await stop(server)
+
+
+async def stop(server):
+    """Close every connection with 1001 (going away); cut off those that don't answer."""
+    server.close()
+    connections = list(server.connections)
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    for websocket in connections:  # close() waits on drain() with no limit:
+        websocket.transport.abort()  # cut off the clients that are not reading
+    await server.wait_closed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--host", default="localhost", help="interface to listen on (default: localhost)")
+    add("--port", type=int, default=8765, help="port to listen on; 0: any free one (default: 8765)")
+    add("--allow-origin", action="append", default=[], help="also accept pages from that origin")
+    add("--max-clients", type=int, default=1000, help="clients at most, then 503 (default: 1000)")
+    add("--max-per-address", type=int, default=20, help="clients per address (default: 20; 0: any)")
+    flags(add)  # this demo's own (above)
+    ARGS = parser.parse_args()
+    if not 0 <= ARGS.port <= 65535:
+        parser.error(f"--port must be a number from 0 to 65535, not {ARGS.port}")
+    if ARGS.max_clients < 1:
+        parser.error(f"--max-clients must be at least 1, not {ARGS.max_clients}")
+    for name, value in vars(ARGS).items():  # every other number: 0 is off, below is a mistake
+        if type(value) is int and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more, not {value}")
+    if ARGS.host not in ("localhost", "127.0.0.1", "::1"):
+        print(f"Warning: on {ARGS.host} other machines can connect.", file=sys.stderr)
+        ORIGINS.remove("null")  # there, "null" may be any web site in a sandboxed frame
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # errors only
+    # websockets 15 and 16 (Python 3.9, 3.10) log a client's bad handshake, a browser's plain
+    # http:// visit say, as an error with a traceback; 17 only answers it, as all of them do.
+    logging.getLogger("websockets.server").addFilter(
+        lambda record: not isinstance(record.exc_info and record.exc_info[1], InvalidHandshake)
+    )
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # main() cleaned up
+        asyncio.run(main())
+    print("Server stopped. Goodbye!")
