@@ -77,13 +77,26 @@ def deliver(event):
         warn(event["type"], "skipped events of unknown type %r", event["type"])
 
 
+JOINED, LEFT = [], []  # arrivals and departures not announced yet
+
+
+def announce_presence():
+    """One presence event for the arrivals and departures since the last one."""
+    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
+    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
+    online = CONVERSATION.online()
+    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
+    del JOINED[:], LEFT[:]
+
+
 def send_to_all(event):
     """Send an event to every client here without waiting for any of them."""
     # A client that falls behind is cut off (see Connection, below): never the others.
     broadcast(CLIENTS, to_json(event))
 
 
-# What protects everyone: one client cannot flood the others, nor hold the server's memory.
+# What protects everyone: one client cannot flood the others. (Nor hold the server's memory
+# or every place in it: Connection and check(), in the start-up below.)
 
 RATE = 5  # messages a second from one address, in bursts of up to twice that (--rate)
 
@@ -91,7 +104,7 @@ RATE = 5  # messages a second from one address, in bursts of up to twice that (-
 def problem_with(message, websocket):
     """Say what is wrong with a message, or return None if it can be broadcast."""
     if not RATES.take(websocket.address):  # per address: reconnecting resets nothing
-        if not STRIKES.take(websocket.address):  # some 100 refused in 10 s: a program
+        if not STRIKES.take(websocket.address):  # 100 refused in a row, 200 in 10 s: a program
             websocket.cut("too many messages")
         return f"too many messages: at most {ARGS.rate} a second"
     if isinstance(message, bytes):
@@ -104,16 +117,6 @@ def problem_with(message, websocket):
 
 
 # The conversation: in this process, or shared by several through Redis (--redis).
-
-JOINED, LEFT = [], []  # arrivals and departures not announced yet
-
-
-def announce_presence():
-    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
-    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
-    online = CONVERSATION.online()
-    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
-    del JOINED[:], LEFT[:]
 
 
 class History:
@@ -205,6 +208,8 @@ def flags(add):
 
 
 # --- Start-up, flags and safety checks: the same in every numbered script. ---
+# What is above gives main() a handler and the demo's hooks; what is below gives the part
+# above ARGS, Limit, warn() and each connection's address and cut().
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off (1008)
@@ -224,11 +229,16 @@ class Connection(ServerConnection):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")  # KiB, not MiB, waiting in the kernel:
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # so nearly all is counted here
+        # KiB, not MiB, waiting in the kernel for this socket: so nearly all is counted here.
+        sock = transport.get_extra_info("socket")
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, KERNEL_BUFFER)
-        # Read only when both allow it: the queue of unread messages, and the writes.
-        self.recv_messages.resume = lambda: self.paused or transport.resume_reading()
+        self.recv_messages.resume = self.resume_if_writable  # the queue of unread messages
+
+    def resume_if_writable(self):
+        """Read again only when both allow it: the queue of unread messages, and the writes."""
+        if not self.paused:
+            self.transport.resume_reading()
 
     def pause_writing(self):  # over 32 KiB unsent (write_limit): stop reading from it
         super().pause_writing()
@@ -260,13 +270,13 @@ class Connection(ServerConnection):
 
 
 class Limit:
-    """Token buckets, one per key (an address): `rate` a second, in bursts up to `burst`."""
+    """Token buckets, one per key (mostly an address): `rate` a second, bursts up to `burst`."""
 
     def __init__(self, rate, burst):
         self.rate, self.burst, self.buckets = rate, burst, {}
 
     def take(self, key):
-        """Take a token from the key's bucket; False if it is empty (rate 0: never)."""
+        """Take a token from the key's bucket; False if it is empty (rate 0: no limit)."""
         now = time.monotonic()
         tokens, then = self.buckets.pop(key, (self.burst, now))  # put back last: LRU order
         tokens = min(self.burst, tokens + (now - then) * self.rate)
@@ -288,13 +298,14 @@ def warn(key, message, *args):
 
 def check(connection, request, response):
     """Let a client in, or say why not: its origin, too many clients, too many from its
-    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address."""
+    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address,
+    kept as connection.address for every limit per address."""
     status, host = response.status_code, connection.remote_address[0]
     if host in ("127.0.0.1", "::1"):  # X-Real-IP from anywhere else could be a lie
         host = request.headers.get("X-Real-IP", host)
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
-    proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
-    if status == 101 and proxied and request.headers.get("Origin") == "null":
+    refuse_null = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
+    if status == 101 and refuse_null and request.headers.get("Origin") == "null":
         response = connection.respond(403, "Origin null is refused through a proxy.\n")
     if response.status_code == 403:  # websockets refused the Origin, or the line above did
         origin = request.headers.get("Origin")
@@ -322,8 +333,8 @@ async def main():
             loop.add_signal_handler(sig, main_task.cancel)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
-    hooks = dict(process_response=check, create_connection=Connection)  # below
-    hooks.update(process_request=health)  # GET /health, above
+    hooks = dict(process_response=check, create_connection=Connection)  # the checks above
+    hooks.update(process_request=health)  # GET /health, from the demo's part
     async with lifespan():  # what the handler shares (above): made first, closed last
         try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
             with socket.create_server((ARGS.host, ARGS.port)) as probe:
