@@ -25,6 +25,7 @@ from websockets.frames import Opcode
 
 CLIENTS = {}  # the connections that are open right now -> their client number
 CLIENT_NUMBERS = itertools.count(1)  # 1, 2, 3, ... in order of arrival
+# JSON as UTF-8: an emoji takes 4 bytes, not 12 as the escape \ud83d\ude00 would.
 to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
@@ -48,9 +49,13 @@ async def handler(websocket):
 async def push():
     """Every --every seconds, one event to every client: this machine's load."""
     while True:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # Windows has none
-        now = time.time_ns() // 1_000_000
-        send_to_all({"type": "load", "load": load, "clients": len(CLIENTS), "time": now})
+        try:  # a reading that fails skips one push: uncaught, it would end the feed unseen
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # Windows: none
+        except Exception as exc:
+            warn("push", "no reading this time: %r", exc)  # once every 10 s at most
+        else:
+            now = time.time_ns() // 1_000_000
+            send_to_all({"type": "load", "load": load, "clients": len(CLIENTS), "time": now})
         await asyncio.sleep(ARGS.every)
 
 
@@ -62,11 +67,11 @@ def send_to_all(event):
 
 @contextlib.asynccontextmanager
 async def lifespan():
-    """The push runs while the server does; Ctrl+C cancels it first."""
+    """The push: started before the first client, cancelled after the last one has gone."""
     pushing = asyncio.create_task(push())
     try:
         yield
-    finally:
+    finally:  # however main() ends: Ctrl+C arrives as an exception here
         pushing.cancel()
 
 
@@ -78,6 +83,7 @@ def health(connection, request):
 
 
 def seconds(text):
+    """--every: a pause between pushes. 0 would push without one, and hog the server."""
     value = float(text)
     if not 0.1 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"must be from 0.1 to 3600 seconds, not {text}")
@@ -90,6 +96,8 @@ def flags(add):
 
 
 # --- Start-up, flags and safety checks: the same in every numbered script. ---
+# What is above gives main() a handler and the demo's hooks; what is below gives the part
+# above ARGS, Limit, warn() and each connection's address and cut().
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off (1008)
@@ -109,11 +117,16 @@ class Connection(ServerConnection):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")  # KiB, not MiB, waiting in the kernel:
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # so nearly all is counted here
+        # KiB, not MiB, waiting in the kernel for this socket: so nearly all is counted here.
+        sock = transport.get_extra_info("socket")
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, KERNEL_BUFFER)
-        # Read only when both allow it: the queue of unread messages, and the writes.
-        self.recv_messages.resume = lambda: self.paused or transport.resume_reading()
+        self.recv_messages.resume = self.resume_if_writable  # the queue of unread messages
+
+    def resume_if_writable(self):
+        """Read again only when both allow it: the queue of unread messages, and the writes."""
+        if not self.paused:
+            self.transport.resume_reading()
 
     def pause_writing(self):  # over 32 KiB unsent (write_limit): stop reading from it
         super().pause_writing()
@@ -145,13 +158,13 @@ class Connection(ServerConnection):
 
 
 class Limit:
-    """Token buckets, one per key (an address): `rate` a second, in bursts up to `burst`."""
+    """Token buckets, one per key (mostly an address): `rate` a second, bursts up to `burst`."""
 
     def __init__(self, rate, burst):
         self.rate, self.burst, self.buckets = rate, burst, {}
 
     def take(self, key):
-        """Take a token from the key's bucket; False if it is empty (rate 0: never)."""
+        """Take a token from the key's bucket; False if it is empty (rate 0: no limit)."""
         now = time.monotonic()
         tokens, then = self.buckets.pop(key, (self.burst, now))  # put back last: LRU order
         tokens = min(self.burst, tokens + (now - then) * self.rate)
@@ -173,13 +186,14 @@ def warn(key, message, *args):
 
 def check(connection, request, response):
     """Let a client in, or say why not: its origin, too many clients, too many from its
-    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address."""
+    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address,
+    kept as connection.address for every limit per address."""
     status, host = response.status_code, connection.remote_address[0]
     if host in ("127.0.0.1", "::1"):  # X-Real-IP from anywhere else could be a lie
         host = request.headers.get("X-Real-IP", host)
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
-    proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
-    if status == 101 and proxied and request.headers.get("Origin") == "null":
+    refuse_null = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
+    if status == 101 and refuse_null and request.headers.get("Origin") == "null":
         response = connection.respond(403, "Origin null is refused through a proxy.\n")
     if response.status_code == 403:  # websockets refused the Origin, or the line above did
         origin = request.headers.get("Origin")
@@ -207,8 +221,8 @@ async def main():
             loop.add_signal_handler(sig, main_task.cancel)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
-    hooks = dict(process_response=check, create_connection=Connection)  # below
-    hooks.update(process_request=health)  # GET /health, above
+    hooks = dict(process_response=check, create_connection=Connection)  # the checks above
+    hooks.update(process_request=health)  # GET /health, from the demo's part
     async with lifespan():  # what the handler shares (above): made first, closed last
         try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
             with socket.create_server((ARGS.host, ARGS.port)) as probe:

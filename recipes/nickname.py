@@ -23,7 +23,8 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import Opcode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # broadcast_redis.py is there
+# --redis imports broadcast_redis.py: it is in the folder above this one, not in recipes/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CLIENTS = {}  # the connections that are open right now -> their client number
 HISTORY = CONVERSATION = RATES = STRIKES = None  # made by lifespan(), below
 MAX_TEXT = 1000  # characters in one chat message
@@ -35,10 +36,10 @@ to_json = json.JSONEncoder(ensure_ascii=False).encode
 async def handler(websocket):
     """Welcome a client with what it missed, then relay each of its messages to everyone."""
     # A client that comes back names the last message it saw: ws://localhost:8765/?since=ID
-    query = parse_qs(urlsplit(websocket.request.path).query)
-    since = query.get("since", [None])[0]
-    # The new field: ?name=Ada. Plain text, as the message is: a page shows it with textContent.
-    name = query.get("name", [""])[0].strip()[:MAX_NAME] or "anonymous"
+    since = parse_qs(urlsplit(websocket.request.path).query).get("since", [None])[0]
+    # The new field, ?name=Ada: plain text as the message is (a page shows it with textContent).
+    name = parse_qs(urlsplit(websocket.request.path).query).get("name", [""])[0]
+    name = name.strip()[:MAX_NAME] or "anonymous"
     client = await CONVERSATION.new_client(websocket, since)  # its number: 1, 2, 3...
     # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
     # so each message is either in the welcome's history or sent after it, exactly once.
@@ -83,13 +84,26 @@ def deliver(event):
         warn(event["type"], "skipped events of unknown type %r", event["type"])
 
 
+JOINED, LEFT = [], []  # arrivals and departures not announced yet
+
+
+def announce_presence():
+    """One presence event for the arrivals and departures since the last one."""
+    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
+    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
+    online = CONVERSATION.online()
+    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
+    del JOINED[:], LEFT[:]
+
+
 def send_to_all(event):
     """Send an event to every client here without waiting for any of them."""
     # A client that falls behind is cut off (see Connection, below): never the others.
     broadcast(CLIENTS, to_json(event))
 
 
-# What protects everyone: one client cannot flood the others, nor hold the server's memory.
+# What protects everyone: one client cannot flood the others. (Nor hold the server's memory
+# or every place in it: Connection and check(), in the start-up below.)
 
 RATE = 5  # messages a second from one address, in bursts of up to twice that (--rate)
 
@@ -97,7 +111,7 @@ RATE = 5  # messages a second from one address, in bursts of up to twice that (-
 def problem_with(message, websocket):
     """Say what is wrong with a message, or return None if it can be broadcast."""
     if not RATES.take(websocket.address):  # per address: reconnecting resets nothing
-        if not STRIKES.take(websocket.address):  # some 100 refused in 10 s: a program
+        if not STRIKES.take(websocket.address):  # 100 refused in a row, 200 in 10 s: a program
             websocket.cut("too many messages")
         return f"too many messages: at most {ARGS.rate} a second"
     if isinstance(message, bytes):
@@ -110,16 +124,6 @@ def problem_with(message, websocket):
 
 
 # The conversation: in this process, or shared by several through Redis (--redis).
-
-JOINED, LEFT = [], []  # arrivals and departures not announced yet
-
-
-def announce_presence():
-    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
-    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
-    online = CONVERSATION.online()
-    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
-    del JOINED[:], LEFT[:]
 
 
 class History:
@@ -211,6 +215,8 @@ def flags(add):
 
 
 # --- Start-up, flags and safety checks: the same in every numbered script. ---
+# What is above gives main() a handler and the demo's hooks; what is below gives the part
+# above ARGS, Limit, warn() and each connection's address and cut().
 
 TIMEOUT = 5  # seconds for an opening or closing handshake to finish
 MAX_BACKLOG = 1024 * 1024  # bytes a client may fall behind before it is cut off (1008)
@@ -230,11 +236,16 @@ class Connection(ServerConnection):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")  # KiB, not MiB, waiting in the kernel:
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # so nearly all is counted here
+        # KiB, not MiB, waiting in the kernel for this socket: so nearly all is counted here.
+        sock = transport.get_extra_info("socket")
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, KERNEL_BUFFER)
-        # Read only when both allow it: the queue of unread messages, and the writes.
-        self.recv_messages.resume = lambda: self.paused or transport.resume_reading()
+        self.recv_messages.resume = self.resume_if_writable  # the queue of unread messages
+
+    def resume_if_writable(self):
+        """Read again only when both allow it: the queue of unread messages, and the writes."""
+        if not self.paused:
+            self.transport.resume_reading()
 
     def pause_writing(self):  # over 32 KiB unsent (write_limit): stop reading from it
         super().pause_writing()
@@ -266,13 +277,13 @@ class Connection(ServerConnection):
 
 
 class Limit:
-    """Token buckets, one per key (an address): `rate` a second, in bursts up to `burst`."""
+    """Token buckets, one per key (mostly an address): `rate` a second, bursts up to `burst`."""
 
     def __init__(self, rate, burst):
         self.rate, self.burst, self.buckets = rate, burst, {}
 
     def take(self, key):
-        """Take a token from the key's bucket; False if it is empty (rate 0: never)."""
+        """Take a token from the key's bucket; False if it is empty (rate 0: no limit)."""
         now = time.monotonic()
         tokens, then = self.buckets.pop(key, (self.burst, now))  # put back last: LRU order
         tokens = min(self.burst, tokens + (now - then) * self.rate)
@@ -294,13 +305,14 @@ def warn(key, message, *args):
 
 def check(connection, request, response):
     """Let a client in, or say why not: its origin, too many clients, too many from its
-    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address."""
+    address or too many attempts. Behind a proxy on this machine, X-Real-IP is its address,
+    kept as connection.address for every limit per address."""
     status, host = response.status_code, connection.remote_address[0]
     if host in ("127.0.0.1", "::1"):  # X-Real-IP from anywhere else could be a lie
         host = request.headers.get("X-Real-IP", host)
     # Through a proxy a client is elsewhere, where "null" may be any site's sandboxed frame.
-    proxied = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
-    if status == 101 and proxied and request.headers.get("Origin") == "null":
+    refuse_null = "X-Real-IP" in request.headers and "null" not in ARGS.allow_origin
+    if status == 101 and refuse_null and request.headers.get("Origin") == "null":
         response = connection.respond(403, "Origin null is refused through a proxy.\n")
     if response.status_code == 403:  # websockets refused the Origin, or the line above did
         origin = request.headers.get("Origin")
@@ -328,8 +340,8 @@ async def main():
             loop.add_signal_handler(sig, main_task.cancel)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
-    hooks = dict(process_response=check, create_connection=Connection)  # below
-    hooks.update(process_request=health)  # GET /health, above
+    hooks = dict(process_response=check, create_connection=Connection)  # the checks above
+    hooks.update(process_request=health)  # GET /health, from the demo's part
     async with lifespan():  # what the handler shares (above): made first, closed last
         try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
             with socket.create_server((ARGS.host, ARGS.port)) as probe:
