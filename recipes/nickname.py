@@ -179,7 +179,7 @@ class Conversation:
 
 @contextlib.asynccontextmanager
 async def lifespan():
-    """What the handler shares: made once the port is ours, closed after the last client."""
+    """What the handler shares: made before the first client, closed after the last one."""
     global HISTORY, CONVERSATION, RATES, STRIKES
     RATES, STRIKES = Limit(ARGS.rate, 2 * ARGS.rate), Limit(10, 100)
     HISTORY, CONVERSATION = History(ARGS.history, f"{Conversation.started}-0"), Conversation()
