@@ -159,12 +159,17 @@ def check(connection, request, response):
 
 
 async def main():
-    loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
+    loop, main_task, code = asyncio.get_running_loop(), asyncio.current_task(), [1001]
+
+    def stop_on(sig, *_):  # Ctrl+C: 1001 (going away); SIGTERM, a service manager's: 1012
+        code[0] = 1012 if sig == signal.SIGTERM else 1001  # (restart: clients come back)
+        main_task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
         try:
-            loop.add_signal_handler(sig, main_task.cancel)
+            loop.add_signal_handler(sig, stop_on, sig)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
+            signal.signal(sig, lambda *args: loop.call_soon_threadsafe(stop_on, *args))
     hooks = dict(process_response=check, create_connection=Connection)  # the checks above
     try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
         with socket.create_server((ARGS.host, ARGS.port)) as probe:
@@ -179,18 +184,19 @@ async def main():
     try:
         await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
     finally:
-        await stop(server)
+        await stop(server, code[0])
 
 
-async def stop(server):
-    """Close every connection with 1001 (going away); cut off those that don't answer."""
-    server.close()
+async def stop(server, code):
+    """Close every connection with `code`; cut off those that don't answer."""
+    server.close(close_connections=False)  # refuse new ones (503); close the others here
     connections = list(server.connections)
+    closing = [asyncio.ensure_future(websocket.close(code)) for websocket in connections]
     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
     for websocket in connections:  # close() waits on drain() with no limit:
         websocket.transport.abort()  # cut off the clients that are not reading
-    await server.wait_closed()
+    await asyncio.wait([*closing, asyncio.ensure_future(server.wait_closed())])
 
 
 if __name__ == "__main__":

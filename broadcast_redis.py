@@ -13,6 +13,7 @@ neither reported as lost nor delivered twice.
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,9 +39,9 @@ except ModuleNotFoundError:  # one sentence, as for every other mistake
 
 PREFIX = "broadcast"  # the keys' prefix (--redis-prefix): two deployments may share a Redis
 # The keys, after the prefix: a stream of what clients said (the history), a stream of
-# arrivals, departures and heartbeats, client numbers unique across processes, and when
-# that counter was (re)made, by Redis's clock.
-KEYS = ("messages", "presence", "client-numbers", "client-numbers-born")
+# arrivals, departures and heartbeats, client numbers unique across processes, when that
+# counter was (re)made, by Redis's clock, and (resume:HASH) the number each secret gives.
+KEYS = ("messages", "presence", "client-numbers", "client-numbers-born", "resume")
 MAX_ENTRY = 16 * 1024  # characters in a stream entry: a larger one is skipped, not relayed
 MAX_TEXT = 1000  # characters in a message's text, as in 3_websocket_broadcast.py
 KEEP = 1000  # entries each stream keeps at least, so a process that lags finds them
@@ -49,6 +50,7 @@ HEARTBEAT = 2  # seconds between "I'm alive, with these clients" entries
 SILENT_LIMIT = 7  # seconds without a heartbeat before a process counts as gone
 GRACE = 1.5  # seconds a new counter waits before numbering: running processes lift it first
 TIMEOUT = 5  # seconds for any Redis command, and for start-up and stop
+RESUMABLE = 24 * 3600, 600  # seconds a secret is valid: while connected, and after leaving
 UNAVAILABLE = "broadcast unavailable: Redis is unreachable, try again soon"
 REFUSED = "message not sent: Redis refused it ({}), try again later"
 
@@ -249,7 +251,7 @@ class Reader:
         uid = str(event.pop("uid", entry_id))
         if uid in self.seen:
             return None
-        self.seen[uid] = None
+        self.seen[uid] = entry_id
         while len(self.seen) > 10 * KEEP:
             self.seen.popitem(last=False)
         return {**event, "id": entry_id}  # stream ids are message ids
@@ -325,13 +327,14 @@ class Conversation(Reader, Writer):
             retry=Retry(NoBackoff(), 0),
             password=os.environ.get("REDIS_PASSWORD"),  # the URL's, if it has one
         )
-        self.MESSAGES, self.PRESENCE, self.COUNTER, self.BORN = (f"{prefix}:{k}" for k in KEYS)
+        keys = (f"{prefix}:{k}" for k in KEYS)
+        self.MESSAGES, self.PRESENCE, self.COUNTER, self.BORN, self.RESUME = keys
         self.history, self.deliver, self.clients = history, deliver, clients
         # Unique even if two containers share a host name and a process id.
         self.server = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.others = {}  # another process -> (its client numbers, when last heard)
         self.last = {self.MESSAGES: "0-0", self.PRESENCE: "$"}  # the last entry read from each
-        self.seen = collections.OrderedDict()  # uids of the latest messages delivered
+        self.seen = collections.OrderedDict()  # uids of the latest messages delivered -> id
         self.outbox = asyncio.Queue()  # commands for the next pipeline
         self.retry = []  # message writes that timed out: sent again, same uid, once back
         self.read = asyncio.Condition()  # notified after each read: new_client() waits on it
@@ -356,6 +359,7 @@ class Conversation(Reader, Writer):
         self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"
         await self.redis.xadd(self.PRESENCE, self.entry(self.heartbeat_event()), maxlen=KEEP)
         await self.redis.xread(self.last, count=1)
+        await self.redis.getdel(self.secret_key("check"))  # Redis 6.2 or newer
         self.connected = True
         for work in (self.relay, self.write, self.beat):
             self.tasks.append(asyncio.create_task(work()))
@@ -389,16 +393,17 @@ class Conversation(Reader, Writer):
 
     # The interface the handler uses.
 
-    async def new_client(self, websocket, since):
-        """A number unique across processes; and once this process has read up to `since`.
+    async def new_client(self, websocket, since, secret):
+        """The number a secret was given for (once, by any process), else one unique across
+        processes; a new secret; and once this process has read up to `since`.
 
         A client whose process died may reach this one before it read the last message
         the client saw: that `since` is not unknown, only not read yet. Wait for it."""
         try:
-            number = 0
+            number = int(await self.run("getdel", self.secret_key(secret)) or 0) if secret else 0
             async with asyncio.timeout(TIMEOUT):
                 while not number:  # 0: within the grace after a Redis restart
-                    number = await self.run("eval", *self.numbers(take=True))
+                    number = await self.run("eval", *self.counter(take=True))
                     if not number:
                         await asyncio.sleep(0.1)
             if target := stream_id(since):
@@ -406,33 +411,58 @@ class Conversation(Reader, Writer):
                     async with asyncio.timeout(TIMEOUT), self.read:
                         last = self.MESSAGES
                         await self.read.wait_for(lambda: stream_id(self.last[last]) >= target)
+            websocket.resume = None
+            if websocket.subprotocol:  # a client that can give it back: a page
+                websocket.resume = secrets.token_urlsafe(16)  # 128 random bits
+                await self.run("set", self.secret_key(websocket.resume), number, RESUMABLE[0])
         except (RedisError, TimeoutError) as exc:
             logging.warning("refused a client: no client number from Redis (%s)", exc)
             await websocket.close(1013, "broadcast unavailable, try again later")
             # End the handler as a cancelled task ends: quietly, nothing to clean up.
             raise asyncio.CancelledError from None
-        return number
+        return number, websocket.resume
+
+    def secret_key(self, secret):
+        """Where a secret's number is kept: under a hash, never the secret (Redis logs slow
+        commands with their arguments)."""
+        return f"{self.RESUME}:{hashlib.sha256(str(secret).encode()).hexdigest()}"
 
     async def publish(self, event):
-        """Append an event to its stream; return None, or why it was not sent."""
+        """Append an event to its stream; return None, or a reply for its sender."""
         if event["type"] in ("joined", "left"):  # presence: best effort, heartbeats correct it
-            if self.connected:
-                self.outbox.put_nowait(("xadd", (self.PRESENCE, self.entry(event)), KEEP, None))
+            self.later("xadd", self.PRESENCE, self.entry(event))
             return None
-        event = {**event, "time": time.time_ns() // 1_000_000, "uid": secrets.token_hex(8)}
+        # A message the page sent again (same number, same ref) is delivered once: by
+        # relay(), in every process, whichever copy it reads first.
+        uid = f"{event['client']}:{event['ref']}" if event.get("ref") else secrets.token_hex(8)
+        if uid in self.seen:  # delivered already: its acknowledgement was lost on the way
+            return {"type": "sent", "id": self.seen[uid]}
+        event = {**event, "time": time.time_ns() // 1_000_000, "uid": uid}
         try:
             await self.run("xadd", self.MESSAGES, self.entry(event), message=True)
         except ResponseError as exc:  # Redis answered, and refused it: say what it said
             logging.warning("Redis refused a message (%s)", exc)
-            return REFUSED.format(str(exc).rstrip("."))
+            return {"type": "error", "reason": REFUSED.format(str(exc).rstrip("."))}
         except RedisError as exc:  # Redis was known to be away: not written
             logging.warning("cannot write to Redis (%s)", exc)
-            return UNAVAILABLE
+            return {"type": "error", "reason": UNAVAILABLE}
         return None
 
-    def online(self):
-        """How many clients are connected, here and on every other live process."""
-        return len(self.clients) + sum(len(clients) for clients, _ in self.others.values())
+    async def leave(self, websocket, client):
+        """Say it left (clients hear it after a grace); its secret is valid a while longer."""
+        if websocket.resume:
+            self.later("expire", self.secret_key(websocket.resume), RESUMABLE[1])
+        await self.publish({"type": "left", "client": client})
+
+    def later(self, command, *args):
+        """Queue a command for the next pipeline without waiting for it: best effort."""
+        if self.connected:
+            keep = KEEP if command == "xadd" else None
+            self.outbox.put_nowait((command, args, keep, None))
+
+    def numbers(self):
+        """The client numbers connected here and on every other live process."""
+        return set(self.clients.values()).union(*(c for c, _ in self.others.values()))
 
     async def close(self):
         """Stop reading, writing and beating within about a second, whatever Redis does."""
@@ -453,9 +483,7 @@ class Conversation(Reader, Writer):
     async def beat(self):
         while True:
             await asyncio.sleep(HEARTBEAT)
-            if self.connected:
-                event = self.heartbeat_event()
-                self.outbox.put_nowait(("xadd", (self.PRESENCE, self.entry(event)), KEEP, None))
+            self.later("xadd", self.PRESENCE, self.entry(self.heartbeat_event()))
             now = asyncio.get_running_loop().time()
             for server, (clients, heard) in list(self.others.items()):
                 if self.refusing:  # nobody's heartbeat can be written: silence says nothing
@@ -474,9 +502,9 @@ class Conversation(Reader, Writer):
         return {"event": json.dumps({**event, "server": self.server}, ensure_ascii=False)}
 
     async def lift_counter(self):
-        await self.redis.eval(*self.numbers(take=False))
+        await self.redis.eval(*self.counter(take=False))
 
-    def numbers(self, take):
+    def counter(self, take):
         """The arguments of NUMBERS: take a number, or only lift the counter."""
         known = [*self.clients.values(), *(n for c, _ in self.others.values() for n in c)]
         return NUMBERS, 2, self.COUNTER, self.BORN, GRACE * 1000, max(known, default=0), int(take)

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -25,10 +26,12 @@ from websockets.frames import Opcode
 
 # --redis imports broadcast_redis.py: it is in the folder above this one, not in recipes/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 CLIENTS = {}  # the connections that are open right now -> their client number
 HISTORY = CONVERSATION = RATES = STRIKES = None  # made by lifespan(), below
 MAX_TEXT = 1000  # characters in one chat message
 MAX_NAME = 30  # characters in a nickname
+CHAT = "chat"  # the subprotocol the page speaks: JSON frames, a hello first (README)
 # JSON as UTF-8: an emoji takes 4 bytes, not 12 as the escape \ud83d\ude00 would.
 to_json = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -40,30 +43,60 @@ async def handler(websocket):
     # The new field, ?name=Ada: plain text as the message is (a page shows it with textContent).
     name = parse_qs(urlsplit(websocket.request.path).query).get("name", [""])[0]
     name = name.strip()[:MAX_NAME] or "anonymous"
-    client = await CONVERSATION.new_client(websocket, since)  # its number: 1, 2, 3...
+    # A page that speaks "chat" proves who it was with the secret its last welcome gave it.
+    secret = await hello(websocket) if websocket.subprotocol == CHAT else None
+    client, resume = await CONVERSATION.new_client(websocket, since, secret)  # 1, 2, 3...
     # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
     # so each message is either in the welcome's history or sent after it, exactly once.
     CLIENTS[websocket] = client
-    welcome = {"type": "welcome", "client": client, "clients": CONVERSATION.online()}
+    online = len(ANNOUNCED) + (client not in ANNOUNCED)  # a number back in time: no change
+    welcome = {"type": "welcome", "client": client, "clients": online}
     welcome |= HISTORY.since(since)  # {"history": [...], "recovered": bool, "latest": ID}
+    if resume:  # (chat) the proof of who it is, for its next connection: kept secret
+        welcome["resume"] = resume
     logging.info("client #%d connected from %s", client, websocket.address)
     try:
         await websocket.send(to_json(welcome))
         await CONVERSATION.publish({"type": "joined", "client": client})
-        async for message in websocket:
-            problem = problem_with(message, websocket)
-            if problem is None:
-                event = {"type": "message", "client": client, "name": name, "text": message}
-                problem = await CONVERSATION.publish(event)  # None, or (--redis) why not
+        async for frame in websocket:
+            text, ref = unpack(frame, websocket)  # ref: {"ref": the page's id for it}, or {}
+            problem = problem_with(text, websocket)
             if problem:
-                await websocket.send(to_json({"type": "error", "reason": problem}))
+                reply = {"type": "error", "reason": problem}
+            else:  # None, or for the sender alone: why not, or (sent before) where it went
+                event = {"type": "message", "client": client, "name": name, "text": text, **ref}
+                reply = await CONVERSATION.publish(event)
+            if reply:
+                await websocket.send(to_json({**reply, **ref}))
     except ConnectionClosed:
         pass  # it left, maybe in the middle of a send(): normal on networks
     finally:
         # finally runs however the connection ends, so the count never drifts.
         del CLIENTS[websocket]
         logging.info("client #%d disconnected: %s", client, websocket.protocol.close_exc)
-        await CONVERSATION.publish({"type": "left", "client": client})
+        await CONVERSATION.leave(websocket, client)  # "left", unless it is back in LINGER s
+
+
+async def hello(websocket):
+    """The secret in a page's first frame, {"type": "hello", "resume": SECRET}, if any."""
+    try:
+        frame = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
+        secret = frame.get("resume") if frame.get("type") == "hello" else None
+    except (ConnectionClosed, asyncio.TimeoutError, ValueError, AttributeError):
+        secret = None  # no secret: a new number (a closed connection ends just after)
+    return secret if isinstance(secret, str) else None
+
+
+def unpack(frame, websocket):
+    """A message's text and the page's id for it: (text, {}) from a plain client, and from
+    a page, which speaks "chat", {"type": "message", "text": "...", "ref": "ID"}."""
+    if websocket.subprotocol != CHAT or isinstance(frame, bytes):
+        return frame, {}
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        message = json.loads(frame)
+        if isinstance(message["ref"], str) and 0 < len(message["ref"]) <= 64:
+            return message["text"], {"ref": message["ref"]}
+    return None, {}  # unreadable: problem_with() says what to send
 
 
 def deliver(event):
@@ -75,31 +108,55 @@ def deliver(event):
         )
         send_to_all(event)
     elif event["type"] in ("joined", "left"):
-        # Announced in batches, 5 a second at most: the first change since the last
-        # announcement schedules the next one, and later ones ride along.
-        if not (JOINED or LEFT):
-            asyncio.get_running_loop().call_later(0.2, announce_presence)
-        (JOINED if event["type"] == "joined" else LEFT).append(event["client"])
+        announce_soon(0.2)  # in batches, 5 a second at most: later changes ride along
     else:  # a type that a newer version sends, during a rolling deploy: skip it
         warn(event["type"], "skipped events of unknown type %r", event["type"])
-
-
-JOINED, LEFT = [], []  # arrivals and departures not announced yet
-
-
-def announce_presence():
-    """One presence event for the arrivals and departures since the last one."""
-    # Up to 20 numbers each, else how many: a storm of N arrivals costs O(N) bytes in all.
-    joined, left = (who[:] if len(who) <= 20 else len(who) for who in (JOINED, LEFT))
-    online = CONVERSATION.online()
-    send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
-    del JOINED[:], LEFT[:]
 
 
 def send_to_all(event):
     """Send an event to every client here without waiting for any of them."""
     # A client that falls behind is cut off (see Connection, below): never the others.
     broadcast(CLIENTS, to_json(event))
+
+
+# Presence: who is here. A client that drops out has LINGER seconds to come back (a reload,
+# a network blip, a restart of its server) before anyone is told it left.
+
+LINGER = 5  # seconds
+ANNOUNCED, MISSING = set(), {}  # the numbers said to be here; those gone since -> when
+TIMER = None  # the next announcement, once one is due
+
+
+def announce_soon(delay):
+    """Announce presence in `delay` seconds, or sooner if it is due sooner."""
+    global TIMER
+    loop = asyncio.get_running_loop()
+    if TIMER is None or TIMER.when() > loop.time() + delay:
+        if TIMER:
+            TIMER.cancel()
+        TIMER = loop.call_later(delay, announce_presence)
+
+
+def announce_presence():
+    """One presence event for who came, and who went more than LINGER seconds ago."""
+    global TIMER
+    TIMER, now, here = None, asyncio.get_running_loop().time(), CONVERSATION.numbers()
+    for client in ANNOUNCED - here:
+        MISSING.setdefault(client, now)
+    for client in [client for client in MISSING if client in here]:
+        del MISSING[client]  # back in time: nobody needs to know it was away
+    joined = sorted(here - ANNOUNCED)
+    left = sorted(client for client, since in MISSING.items() if now - since >= LINGER)
+    ANNOUNCED.update(joined)
+    ANNOUNCED.difference_update(left)
+    for client in left:
+        del MISSING[client]
+    if MISSING:  # check again when the first of them runs out of time
+        announce_soon(max(0.2, min(MISSING.values()) + LINGER - now))
+    if joined or left:  # up to 20 numbers each, else how many: a storm costs O(N) in all
+        joined, left = (who if len(who) <= 20 else len(who) for who in (joined, left))
+        online = len(ANNOUNCED)
+        send_to_all({"type": "presence", "clients": online, "joined": joined, "left": left})
 
 
 # What protects everyone: one client cannot flood the others. (Nor hold the server's memory
@@ -116,6 +173,8 @@ def problem_with(message, websocket):
         return f"too many messages: at most {ARGS.rate} a second"
     if isinstance(message, bytes):
         return "binary messages are not supported: send text"
+    if not isinstance(message, str):  # from a page that speaks "chat"
+        return 'unreadable: send {"type": "message", "text": "...", "ref": "an id"}'
     if not message.strip():
         return "empty message: type something first"
     if len(message) > MAX_TEXT:
@@ -159,19 +218,47 @@ class Conversation:
     clients = messages = 0  # how many came, and were said, so far
     started = time.time_ns() // 1_000_000  # ids start with it: none repeats after a restart
 
-    async def new_client(self, websocket, since):
-        self.clients += 1
-        return self.clients
+    def __init__(self):
+        self.resumable = collections.OrderedDict()  # secret -> (client number, valid until)
+        self.refs = collections.OrderedDict()  # (client, ref) of the latest messages -> id
+
+    async def new_client(self, websocket, since, secret):
+        """The number a secret was given for, once, else a new one; and a new secret."""
+        client, until = self.resumable.pop(secret, (0, 0))
+        if until < time.monotonic():  # none, forged, used already or too old
+            self.clients += 1
+            client = self.clients
+        websocket.resume = None
+        if websocket.subprotocol:  # a client that can give it back: a page
+            websocket.resume = secrets.token_urlsafe(16)  # 128 random bits
+            self.resumable[websocket.resume] = (client, time.monotonic() + 24 * 3600)
+            if len(self.resumable) > 10_000:  # memory stays bounded: forget the oldest
+                self.resumable.popitem(last=False)
+        return client, websocket.resume
 
     async def publish(self, event):
-        """Deliver an event to every client; return None, or why it could not be."""
+        """Deliver an event to every client; return None, or a reply for its sender."""
         if event["type"] == "message":  # it gets an id, and the time it was said (in ms)
+            said = (event["client"], event.get("ref"))
+            if said in self.refs:  # sent again: its acknowledgement was lost on the way
+                return {"type": "sent", "id": self.refs[said]}
             self.messages += 1
             event |= {"id": f"{self.started}-{self.messages}", "time": time.time_ns() // 10**6}
+            if "ref" in event:
+                self.refs[said] = event["id"]
+                if len(self.refs) > 10_000:
+                    self.refs.popitem(last=False)
         deliver(event)
+        return None
 
-    def online(self):
-        return len(CLIENTS)
+    async def leave(self, websocket, client):
+        """Say it left (to clients after LINGER); its secret is valid for 10 more minutes."""
+        if websocket.resume in self.resumable:  # not used by a reconnection already
+            self.resumable[websocket.resume] = (client, time.monotonic() + 600)
+        await self.publish({"type": "left", "client": client})
+
+    def numbers(self):
+        return set(CLIENTS.values())
 
     async def close(self):
         pass
@@ -204,6 +291,14 @@ def health(connection, request):
         warn("redis", "refused a client: the broadcast is unavailable until Redis is back")
         return connection.respond(503, "Broadcast unavailable, try again soon.\n")
     return None
+
+
+def chat(connection, offered):
+    """Speak "chat" with a client that offers it (the page does), plain text with others."""
+    return CHAT if CHAT in offered else None
+
+
+HOOKS = dict(process_request=health, select_subprotocol=chat)  # what main() adds to serve()
 
 
 def flags(add):
@@ -334,14 +429,19 @@ def check(connection, request, response):
 
 
 async def main():
-    loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
+    loop, main_task, code = asyncio.get_running_loop(), asyncio.current_task(), [1001]
+
+    def stop_on(sig, *_):  # Ctrl+C: 1001 (going away); SIGTERM, a service manager's: 1012
+        code[0] = 1012 if sig == signal.SIGTERM else 1001  # (restart: clients come back)
+        main_task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, even from a shell that ignores it
         try:
-            loop.add_signal_handler(sig, main_task.cancel)
+            loop.add_signal_handler(sig, stop_on, sig)
         except NotImplementedError:  # Windows (where asyncio.run() does this only from 3.11)
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(main_task.cancel))
+            signal.signal(sig, lambda *args: loop.call_soon_threadsafe(stop_on, *args))
     hooks = dict(process_response=check, create_connection=Connection)  # the checks above
-    hooks.update(process_request=health)  # GET /health, from the demo's part
+    hooks.update(HOOKS)  # from the demo's part, above
     async with lifespan():  # what the handler shares (above): made first, closed last
         try:  # Bind once to choose the port: given port 0, asyncio would choose one per address.
             with socket.create_server((ARGS.host, ARGS.port)) as probe:
@@ -356,18 +456,19 @@ async def main():
         try:
             await asyncio.Future()  # run until Ctrl+C or SIGTERM cancels this task
         finally:
-            await stop(server)
+            await stop(server, code[0])
 
 
-async def stop(server):
-    """Close every connection with 1001 (going away); cut off those that don't answer."""
-    server.close()
+async def stop(server, code):
+    """Close every connection with `code`; cut off those that don't answer."""
+    server.close(close_connections=False)  # refuse new ones (503); close the others here
     connections = list(server.connections)
+    closing = [asyncio.ensure_future(websocket.close(code)) for websocket in connections]
     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):  # or Ctrl+C again
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
     for websocket in connections:  # close() waits on drain() with no limit:
         websocket.transport.abort()  # cut off the clients that are not reading
-    await server.wait_closed()
+    await asyncio.wait([*closing, asyncio.ensure_future(server.wait_closed())])
 
 
 if __name__ == "__main__":

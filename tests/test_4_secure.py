@@ -365,14 +365,18 @@ def test_non_loopback_host_or_half_a_certificate_is_refused(start, pki, args, er
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-async def test_signal_closes_every_connection_with_1001_and_exits_0(start, pki, sig):
+async def test_ctrl_c_closes_every_connection_with_1001_sigterm_with_1012_and_exits_0(
+    start, pki, sig
+):
     script = run(start, pki)
     async with connect(script, pki) as waiting, connect(script, pki) as ws:
         await login(ws)
         await script.until("client #1 connected")
         script.proc.send_signal(sig)
-        assert (await closed(ws))[0] == CloseCode.GOING_AWAY
-        assert (await closed(waiting))[0] == CloseCode.GOING_AWAY
+        # Ctrl+C: 1001, going away; SIGTERM, from a service manager: 1012, service restart.
+        code = CloseCode.SERVICE_RESTART if sig == signal.SIGTERM else CloseCode.GOING_AWAY
+        assert (await closed(ws))[0] == code
+        assert (await closed(waiting))[0] == code
     assert await asyncio.to_thread(script.wait) == 0
     assert "Goodbye" in script.text("stdout")
     assert_clean(script)

@@ -37,8 +37,13 @@ async def test_logs_connection_and_disconnection_with_number_address_and_why(sta
     await script.until(r"client #2 disconnected.*: received 1000 \(OK\); then sent 1000 \(OK\)$")
 
 
+# Ctrl+C stops it: 1001, going away. SIGTERM comes from a service manager, mostly to restart
+# it (a deploy): 1012, service restart, which tells clients to come back.
+CODES = {signal.SIGINT: CloseCode.GOING_AWAY, signal.SIGTERM: CloseCode.SERVICE_RESTART}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-async def test_signal_closes_clients_with_1001_and_exits_0(start, name, sig):
+async def test_ctrl_c_closes_clients_with_1001_sigterm_with_1012_and_exits_0(start, name, sig):
     script = start(name)
     async with client(script.url) as ws:
         await script.until("connected from")
@@ -46,7 +51,7 @@ async def test_signal_closes_clients_with_1001_and_exits_0(start, name, sig):
         with pytest.raises(ConnectionClosed):
             while True:  # skip the welcome, if any
                 await asyncio.wait_for(ws.recv(), 10)
-        assert ws.close_code == CloseCode.GOING_AWAY
+        assert ws.close_code == CODES[sig]
     assert await asyncio.to_thread(script.wait) == 0
     assert "Goodbye" in script.text("stdout")
     assert_clean(script)

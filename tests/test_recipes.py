@@ -97,7 +97,9 @@ async def test_dashboard_pushes_unasked_every_second_and_stops_cleanly(start, si
     script.proc.send_signal(sig)
     assert await asyncio.to_thread(script.wait, 10) == 0
     await asyncio.wait_for(watcher.task, 10)
-    assert watcher.ws.close_code == CloseCode.GOING_AWAY
+    # Ctrl+C: 1001, going away; SIGTERM, from a service manager: 1012, service restart.
+    restart = sig == signal.SIGTERM
+    assert watcher.ws.close_code == (CloseCode.SERVICE_RESTART if restart else CloseCode.GOING_AWAY)
     assert "Server stopped. Goodbye!" in script.text("stdout")
     assert_clean(script)
 
