@@ -3,10 +3,11 @@
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, assert_clean, free_port
 from websockets.sync.client import connect
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -101,6 +102,7 @@ CLOSE_SENTENCES = [
     (1008, "too slow", "The server closed the connection: too slow (1008)."),
     (1009, "", "The message was too big: the server accepts at most 64 KiB (1009)."),
     (1011, "", "The server had an internal error (1011)."),
+    (1012, "", "The server is restarting (1012)."),
     (1013, "", "The server is busy and asks to try again later (1013)."),
     (4000, "bye", 'The connection closed (4000), saying "bye".'),
 ]
@@ -243,7 +245,10 @@ def test_enter_in_the_address_field_connects_to_the_typed_address(
     page.fill("#url", one.url)
     page.press("#url", "Enter")  # disconnected: it connects
     expect(status).to_have_text(f"Connected to {one.url}.")
-    one.wait_for("client #2 connected")
+    if html == "3_client_broadcast.html":  # the same person: the secret one gave it still holds
+        one.wait_for("client #1 connected", count=2)
+    else:
+        one.wait_for("client #2 connected")
     expect(page.locator("#connect")).to_have_text("Disconnect")
     assert page.problems == []
 
@@ -410,7 +415,8 @@ def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page)
     missed = talk_while_away(away, talker, [f"missed {n}" for n in range(1, 4)])
     expect(talker.locator("#log .message")).to_have_count(4)
     away.click("#connect")  # Connect: with ?since= the id of "Anyone here?"
-    expect(away.locator("#me")).to_have_text("#3")
+    expect(away.locator("#log")).to_contain_text("Connected to", use_inner_text=True)
+    expect(away.locator("#log .notice").last).to_contain_text("as client #2.")  # still #2
     assert re.fullmatch(rf"{re.escape(room)}&since=\d+-1", away.sockets[-1]), away.sockets
     expect(away.locator("#log .message")).to_have_count(4)
     assert after_separator(away, "— while you were away —") == missed
@@ -424,7 +430,7 @@ def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page)
     expect(talker.locator("#log .message")).to_have_count(6)
     before = conversation(away)
     away.reload()
-    expect(away.locator("#me")).to_have_text("#4")
+    expect(away.locator("#log .notice").last).to_contain_text("as client #2.")  # still #2
     assert re.fullmatch(rf"{re.escape(room)}&since=\d+-4", away.sockets[-1]), away.sockets
     expect(away.locator("#log .message")).to_have_count(6)
     assert conversation(away) == [*before, "#1: missed 4", "#1: missed 5"]  # each once
@@ -432,13 +438,14 @@ def test_broadcast_page_catches_up_after_disconnect_and_reload(start, open_page)
     send(away, "Back, and I saw it all")
     expect(talker.locator("#log .message")).to_have_count(7)
     expect(away.locator("#log .message.own")).to_have_text(
-        re.compile(r"#4 \(you\): Back, and I saw it all$")
+        re.compile(r"#2 \(you\): Back, and I saw it all$")
     )
     assert away.locator("#log .warning").count() == 0
+    assert not any("resume" in url for url in away.sockets)  # the secret is never in a URL
 
     # A new window (its own sessionStorage) asks for nothing and gets the recent messages.
     late = open_page("3_client_broadcast.html", script.url)
-    expect(late.locator("#me")).to_have_text("#5")
+    expect(late.locator("#me")).to_have_text("#3")
     assert late.sockets == [f"{script.url}/"]
     expect(late.locator("#log .message")).to_have_count(7)
     assert after_separator(late, "— earlier messages —") == conversation(talker)
@@ -465,8 +472,9 @@ def test_broadcast_page_after_a_restart_has_a_new_number_and_says_what_may_be_mi
     expect(page.locator("#me")).to_have_text("#2")
     assert re.fullmatch(rf"{re.escape(script.url)}/\?since=\d+-1", page.sockets[-1]), page.sockets
     expect(page.locator("#log .warning")).to_have_count(1)
+    # It never left (the server did): no "since you left", and its new number said once.
     assert log_lines(page, ".warning") == [
-        "Some messages may be missing: the server no longer has everything said since you left."
+        "Some messages may be missing: the server no longer has all of them."
     ]
     send(other, "Hello, I am the new #1")
     send(page, "And I am #2 now")
@@ -480,8 +488,8 @@ def test_broadcast_page_after_a_restart_has_a_new_number_and_says_what_may_be_mi
         "#1 (you): Before the restart",
         "#2 (you): And I am #2 now",
     ]
-    connected = [line for line in log_lines(page) if line.startswith("Connected")]
-    assert connected == [f"Connected to {script.url} as client #{n}." for n in (1, 2)]
+    connected = [line for line in log_lines(page) if line.startswith(("Connected", "Reconn"))]
+    assert connected == [f"Connected to {script.url} as client #1.", "Reconnected as client #2."]
 
 
 def test_broadcast_pages_on_two_processes_show_one_conversation(start, open_page, redis_server):
@@ -618,15 +626,18 @@ def test_a_reloaded_page_shows_what_it_showed_once_and_not_its_former_self_leavi
     send(reloaded, "mine")
     expect(reloaded.locator("#log .message.own")).to_have_count(1)
     before = log_lines(reloaded, ".message")
+    heard = log_lines(talker, ".notice")
     reloaded.reload()
-    expect(reloaded.locator("#me")).to_have_text("#4")
-    # The others hear that #2 left; the reloaded page knows that #2 was itself.
-    expect(talker.locator("#log")).to_contain_text("Client #2 left.")
-    expect(talker.locator("#clients")).to_have_text("3")
+    expect(reloaded.locator("#log .notice").last).to_contain_text("as client #2.")  # itself
+    expect(reloaded.locator("#me")).to_have_text("#2")
     expect(reloaded.locator("#clients")).to_have_text("3")
-    send(talker, "after the reload")  # a presence batch comes before it, if any
+    send(talker, "after the reload")
     expect(reloaded.locator("#log .message")).to_have_count(5)
     assert log_lines(reloaded, ".message") == [*before, "#1: after the reload"]
+    talker.wait_for_timeout(6_000)  # past the 5 s a client has to come back
+    # Back in time: the others heard nothing, neither "left" nor "joined".
+    assert log_lines(talker, ".notice") == heard
+    expect(talker.locator("#clients")).to_have_text("3")
     assert "Client #2 left." not in log_lines(reloaded)
     assert reloaded.problems == []
 
@@ -701,3 +712,70 @@ def test_the_page_ignores_fields_and_types_it_does_not_know(open_page):
     assert "not shown" not in page.locator("#log").text_content()
     assert "happy" not in page.locator("#log").text_content()
     assert page.problems == []
+
+
+# The broadcast page: reconnects nobody has to notice
+
+
+def test_a_blip_keeps_the_number_and_typing_and_says_what_was_missed(start, open_page):
+    script = start("3_websocket_broadcast.py")
+    talker = open_page("3_client_broadcast.html", script.url)
+    expect(talker.locator("#me")).to_have_text("#1")
+    page = open_page("3_client_broadcast.html", script.url, before=paused)
+    expect(page.locator("#me")).to_have_text("#2")
+    expect(talker.locator("#log")).to_contain_text("Client #2 joined.")  # announced: now blip
+    for said in (["said during the blip"], []):
+        page.evaluate("socket.close(4000)")  # a blip: the connection ends, unasked
+        expect(page.locator("#log .notice").last).to_have_text(
+            re.compile(r"The connection closed \(4000\)\. Reconnecting…$")
+        )
+        expect(page.locator("#message")).to_be_enabled()  # the box stays usable
+        send(page, f"typed during blip {len(said)}")
+        expect(page.locator("#outbox")).to_have_text(
+            f"Waiting to send: typed during blip {len(said)}"
+        )
+        for text in said:
+            send(talker, text)
+            expect(talker.locator("#log .message").last).to_contain_text(text)
+        page.clock.run_for(1_100)  # the first retry: within a second
+        missed = "1 missed message below" if said else "nothing missed"
+        expect(page.locator("#log .notice").last).to_have_text(
+            re.compile(rf"Reconnected: {missed}\.$")  # the same number: not said again
+        )
+        expect(page.locator("#me")).to_have_text("#2")
+        expect(page.locator("#outbox")).to_be_empty()
+    for p in (talker, page):
+        expect(p.locator("#log .message")).to_have_count(3)
+        assert conversation(p) == [
+            "#1: said during the blip",  # said first: ours went once we were back
+            "#2: typed during blip 1",
+            "#2: typed during blip 0",
+        ]
+    # The others heard it arrive, once (a quick reconnect is no news; the reload test waits
+    # out the grace period to show that no "left" follows either).
+    assert [line for line in log_lines(talker) if "#2 " in line] == ["Client #2 joined."]
+    assert log_lines(page, ".warning") == [] and page.problems == talker.problems == []
+
+
+def test_a_restart_says_restarting_and_what_was_typed_meanwhile_goes_once(start, open_page):
+    script = start("3_websocket_broadcast.py")
+    pages = [open_page("3_client_broadcast.html", script.url) for _ in (1, 2)]
+    for page in pages:
+        expect(page.locator("#status")).to_have_attribute("data-state", "open")
+    assert script.stop(signal.SIGTERM) == 0  # as a service manager does, for a restart
+    typed = [f"typed while it restarts {n}" for n in (1, 2)]
+    for page in pages:
+        expect(page.locator("#log")).to_contain_text(
+            "The server is restarting (1012). Reconnecting…"
+        )
+    for text in typed:
+        send(pages[0], text)
+    expect(pages[0].locator("#outbox .pending")).to_have_count(2)
+    again = start("3_websocket_broadcast.py", port=str(script.port))
+    for page in pages:
+        expect(page.locator("#log .message")).to_have_count(2, timeout=20_000)
+        assert [line.split(": ", 1)[1] for line in log_lines(page, ".message")] == typed
+        expect(page.locator("#status")).to_have_attribute("data-state", "open")
+        assert "The server stopped" not in page.locator("#log").text_content()
+    expect(pages[0].locator("#outbox")).to_be_empty()
+    assert_clean(again)
