@@ -521,7 +521,7 @@ async def test_a_rolling_restart_under_traffic_loses_and_duplicates_nothing(stac
     print(f"rolling restart of {PROCESSES} processes: {took:.1f} s, {len(talker.said)} messages")
     everyone_got_everything_once(readers, talker)
     # Every reader was on one of the two processes: each was moved once, or twice.
-    assert all(1 <= r.closes.count(1001) <= 2 for r in readers), [r.closes for r in readers]
+    assert all(1 <= r.closes.count(1012) <= 2 for r in readers), [r.closes for r in readers]
     for reader in readers:  # each came back to a process that still had it all
         assert all(w["recovered"] for w in reader.welcomes[1:]), reader.welcomes
     for r in readers:
@@ -578,8 +578,8 @@ def test_the_page_through_the_proxy_survives_a_rolling_restart(stack, browser):
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        for page in pages:  # each heard 1001 and came back by itself, through nginx
-            playwright_expect(page.locator("#log")).to_contain_text("The server stopped (1001).")
+        for page in pages:  # each heard 1012 and came back by itself, through nginx
+            playwright_expect(page.locator("#log")).to_contain_text("The server is restarting (1012).")
             playwright_expect(page.locator("#status")).to_have_attribute(
                 "data-state", "open", timeout=30_000
             )
