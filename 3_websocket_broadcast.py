@@ -100,7 +100,7 @@ def deliver(event):
         )
         send_to_all(event)
     elif event["type"] in ("joined", "left"):
-        announce_soon(0.2)  # in batches, 5 a second at most: later changes ride along
+        announce_soon()
     else:  # a type that a newer version sends, during a rolling deploy: skip it
         warn(event["type"], "skipped events of unknown type %r", event["type"])
 
@@ -119,32 +119,25 @@ ANNOUNCED, MISSING = set(), {}  # the numbers said to be here; those gone since 
 TIMER = None  # the next announcement, once one is due
 
 
-def announce_soon(delay):
-    """Announce presence in `delay` seconds, or sooner if it is due sooner."""
+def announce_soon():
+    """Announce presence in 0.2 s: 5 times a second at most, later changes ride along."""
     global TIMER
-    loop = asyncio.get_running_loop()
-    if TIMER is None or TIMER.when() > loop.time() + delay:
-        if TIMER:
-            TIMER.cancel()
-        TIMER = loop.call_later(delay, announce_presence)
+    if TIMER is None:
+        TIMER = asyncio.get_running_loop().call_later(0.2, announce_presence)
 
 
 def announce_presence():
     """One presence event for who came, and who went more than LINGER seconds ago."""
-    global TIMER
+    global TIMER, MISSING
     TIMER, now, here = None, asyncio.get_running_loop().time(), CONVERSATION.numbers()
-    for client in ANNOUNCED - here:
-        MISSING.setdefault(client, now)
-    for client in [client for client in MISSING if client in here]:
-        del MISSING[client]  # back in time: nobody needs to know it was away
+    # Who is away, since when. One back in time drops out: nobody needs to know it was away.
+    MISSING = {client: MISSING.get(client, now) for client in ANNOUNCED - here}
     joined = sorted(here - ANNOUNCED)
     left = sorted(client for client, since in MISSING.items() if now - since >= LINGER)
     ANNOUNCED.update(joined)
     ANNOUNCED.difference_update(left)
-    for client in left:
-        del MISSING[client]
-    if MISSING:  # check again when the first of them runs out of time
-        announce_soon(max(0.2, min(MISSING.values()) + LINGER - now))
+    if len(left) < len(MISSING):  # look again until each is back, or gone LINGER seconds
+        announce_soon()
     if joined or left:  # up to 20 numbers each, else how many: a storm costs O(N) in all
         joined, left = (who if len(who) <= 20 else len(who) for who in (joined, left))
         online = len(ANNOUNCED)

@@ -42,6 +42,12 @@ async def next_of(ws, kind, timeout=10):
             return event
 
 
+async def joined(watcher, number):
+    """Wait until a watcher hears that `number` joined (its own arrival may come first)."""
+    while number not in (await next_of(watcher, "presence"))["joined"]:
+        pass
+
+
 def presence(got):
     """Every number joined or left, in the presence events among `got`."""
     joined = [n for e in got if e["type"] == "presence" for n in e["joined"]]
@@ -76,8 +82,7 @@ async def test_a_page_that_comes_back_keeps_its_number_and_nobody_hears_it_left(
         await next_of(watcher, "welcome")
         page, welcome = await chat(script.url, user=2)
         number = welcome["client"]
-        while number not in (await next_of(watcher, "presence"))["joined"]:
-            pass  # the watcher's own arrival may come first
+        await joined(watcher, number)
         for _ in range(3):  # a reload, a Disconnect and Connect, a blip: each within LINGER
             await page.close()
             await asyncio.sleep(0.5)
@@ -174,8 +179,7 @@ async def test_a_page_keeps_its_number_on_another_process(start, redis_server):
         await next_of(watcher, "welcome")
         page, welcome = await chat(one.url, user=2)
         number = welcome["client"]
-        while number not in (await next_of(watcher, "presence"))["joined"]:
-            pass  # the watcher's own arrival may come first
+        await joined(watcher, number)
         await page.close()  # its process restarted, say: it moves to the other one
         page, again = await chat(two.url, welcome["resume"], user=2)
         assert again["client"] == number

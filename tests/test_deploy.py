@@ -579,7 +579,9 @@ def test_the_page_through_the_proxy_survives_a_rolling_restart(stack, browser):
         )
         assert result.returncode == 0, result.stdout + result.stderr
         for page in pages:  # each heard 1012 and came back by itself, through nginx
-            playwright_expect(page.locator("#log")).to_contain_text("The server is restarting (1012).")
+            playwright_expect(page.locator("#log")).to_contain_text(
+                "The server is restarting (1012)."
+            )
             playwright_expect(page.locator("#status")).to_have_attribute(
                 "data-state", "open", timeout=30_000
             )
