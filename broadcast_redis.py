@@ -355,8 +355,7 @@ class Conversation(Reader, Writer):
         await self.redis.ping()
         await self.lift_counter()
         await self.load_history()
-        newest = await self.redis.xrevrange(self.PRESENCE, count=1)
-        self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"
+        await self.recent_presence()
         await self.redis.xadd(self.PRESENCE, self.entry(self.heartbeat_event()), maxlen=KEEP)
         await self.redis.xread(self.last, count=1)
         await self.redis.getdel(self.secret_key("check"))  # Redis 6.2 or newer
@@ -364,6 +363,18 @@ class Conversation(Reader, Writer):
         for work in (self.relay, self.write, self.beat):
             self.tasks.append(asyncio.create_task(work()))
         self.tasks[0].add_done_callback(self.reader_ended)
+
+    async def recent_presence(self):
+        """Who is on the other processes, from the last SILENT_LIMIT seconds of presence,
+        read before the first client: a process that (re)starts announces nobody as new.
+        (One that died within them is forgotten SILENT_LIMIT seconds from now.)"""
+        seconds, microseconds = await self.redis.time()
+        start = seconds * 1000 + microseconds // 1000 - SILENT_LIMIT * 1000
+        recent = await self.redis.xrange(self.PRESENCE, f"{start}-0", count=KEEP)
+        newest = recent[-1:] or await self.redis.xrevrange(self.PRESENCE, count=1)
+        self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"  # relay() goes on there
+        for entry_id, fields in recent:
+            self.receive(self.PRESENCE, entry_id, fields)
 
     async def load_history(self):
         """The latest messages of the stream, read newest first in pages of COUNT."""

@@ -268,6 +268,7 @@ async def lifespan():
 
         keys = ARGS.redis_prefix
         CONVERSATION = await broadcast_redis.start(ARGS.redis, HISTORY, deliver, CLIENTS, keys)
+        ANNOUNCED.update(CONVERSATION.numbers())  # those on other processes: not news
     try:
         yield
     finally:  # however main() ends: Ctrl+C arrives as an exception here

@@ -221,3 +221,19 @@ async def test_a_message_sent_again_to_another_process_is_delivered_once(start, 
     await page.close()
     for script in (one, two):
         assert_clean(script)
+
+
+async def test_a_process_that_starts_knows_who_is_on_the_others_and_announces_nobody(
+    start, redis_server
+):
+    one = start(SCRIPT, "--redis", redis_server.url)
+    async with client(one.url, user=1) as there:
+        first = json.loads(await there.recv())["client"]
+        two = start(SCRIPT, "--redis", redis_server.url)  # a restart, or one more process
+        page, welcome = await chat(two.url, user=2)
+        assert welcome["clients"] == 2  # the one on the other process, and itself
+        got = await events(page, 3)  # longer than a heartbeat: what it hears from `one`
+        assert first not in presence(got)[0], got
+        await page.close()
+    for script in (one, two):
+        assert_clean(script)

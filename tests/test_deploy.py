@@ -48,14 +48,15 @@ def free_ports(count):
 class Stack:
     """deploy/up in a subprocess, with ports, certificate and RUN_DIR of its own.
 
-    settings: more of deploy/up's environment (MAX_CLIENTS="15", say). start=False: only
-    the environment, for a test that runs deploy/up itself."""
+    processes: how many broadcast processes. settings: more of deploy/up's environment
+    (MAX_CLIENTS="15", say). start=False: only the environment, for a test that runs
+    deploy/up itself."""
 
-    def __init__(self, folder, certificate=None, start=True, **settings):
+    def __init__(self, folder, certificate=None, start=True, processes=PROCESSES, **settings):
         for program in ("nginx", "redis-server"):
             if not shutil.which(program):
                 missing(f"deploy/ needs {program}: apt-get install {program}", "REQUIRE_DEPLOY")
-        self.port, self.backend, self.redis = free_port(), free_ports(PROCESSES), free_port()
+        self.port, self.backend, self.redis = free_port(), free_ports(processes), free_port()
         self.cafile, self.run_dir = folder / "ca.pem", folder / "run"
         self.certfile, self.keyfile = folder / "cert.pem", folder / "key.pem"
         if certificate:  # a throwaway certificate authority, trusted by the test's clients
@@ -66,7 +67,7 @@ class Stack:
         self.env = {
             **os.environ,
             "PORT": str(self.port),
-            "PROCESSES": str(PROCESSES),
+            "PROCESSES": str(processes),
             "BACKEND_PORT": str(self.backend),
             "REDIS_PORT": str(self.redis),
             "RUN_DIR": str(self.run_dir),
@@ -77,7 +78,7 @@ class Stack:
         }
         self.url = f"wss://localhost:{self.port}/ws"
         self.ready = rf"^Listening on {re.escape(self.url)} \(Ctrl\+C to stop\)$"
-        self.backends = list(range(self.backend, self.backend + PROCESSES))
+        self.backends = list(range(self.backend, self.backend + processes))
         if not start:
             return
         self.script = Script("deploy/up", wait_ready=False, env=self.env)
