@@ -372,9 +372,11 @@ async def test_a_stack_whose_programs_all_fail_exits_1_with_one_sentence(tmp_pat
         sentence
     )
     # It names which, and why: each failing program's own last words.
-    assert re.search(
-        r'redis \(it exited at once, each time, saying "redis-server: simulated', sentence
-    )
+    for program in ("redis", "nginx"):  # every one that failed, not only the first
+        assert re.search(
+            rf'{program} \(it exited at once, each time, saying "{program}(-server)?: simulated',
+            sentence,
+        ), sentence
     assert "Listening on" not in result.stdout
     assert took < 60, took  # Supervisor's 3 retries: a few seconds, not forever
     for port in (stack.port, stack.redis, *stack.backends):
