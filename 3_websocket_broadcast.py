@@ -41,7 +41,7 @@ async def handler(websocket):
     # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
     # so each message is either in the welcome's history or sent after it, exactly once.
     CLIENTS[websocket] = client
-    online = len(ANNOUNCED) + (client not in ANNOUNCED)  # a number back in time: no change
+    online = len(ANNOUNCED | CONVERSATION.numbers())  # those away a moment, and newcomers
     welcome = {"type": "welcome", "client": client, "clients": online}
     welcome |= HISTORY.since(since)  # {"history": [...], "recovered": bool, "latest": ID}
     if resume:  # (chat) the proof of who it is, for its next connection: kept secret

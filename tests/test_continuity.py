@@ -237,3 +237,11 @@ async def test_a_process_that_starts_knows_who_is_on_the_others_and_announces_no
         await page.close()
     for script in (one, two):
         assert_clean(script)
+
+
+async def test_a_welcome_counts_who_arrived_a_moment_before(start):
+    server = start(SCRIPT)
+    async with client(server.url, user=1) as first, client(server.url, user=2) as second:
+        welcomes = [json.loads(await ws.recv()) for ws in (first, second)]  # within 0.2 s
+        assert sorted(w["clients"] for w in welcomes) == [1, 2], welcomes
+    assert_clean(server)
