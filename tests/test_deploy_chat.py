@@ -5,11 +5,13 @@ types a message every 250 ms through a rolling restart (deploy/restart) and a ki
 what each person sees must be what they would expect of a chat that was never down.
 """
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,13 +43,63 @@ TYPIST = """label => {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    # Both pages come from 127.0.0.1 (one browser), and the message rate is per address:
-    # two people at 4 a second each are 8 a second from one address. RATE=10 lets two such
-    # people share it; each still types under the default of 5.
-    stack = Stack(tmp_path_factory.mktemp("chat"), trustme.CA(), processes=3, RATE="10")
+    folder = tmp_path_factory.mktemp("chat")
+    stack = Stack(folder, trustme.CA(), processes=3, RATE="5")  # deploy/up's default
     yield stack
     if stack.script.proc.poll() is None:
         assert stack.stop() == 0
+
+
+class Elsewhere:
+    """An HTTP proxy (CONNECT only) whose connections to nginx come from another address.
+
+    The message rate is per address, and one browser's pages all come from 127.0.0.1: two
+    people typing 4 a second each would be 8 a second from one address, over RATE's 5. A
+    page whose context uses this proxy reaches nginx from `source`, as a second person would.
+    """
+
+    def __init__(self, port, source="127.0.0.2"):
+        self.port, self.source, ready = port, source, threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self.serve(ready),), daemon=True)
+        self.thread.start()  # its own loop: the main thread's is Playwright's
+        assert ready.wait(10)
+
+    async def serve(self, ready):
+        self.loop, self.stopped = asyncio.get_running_loop(), asyncio.Event()
+        async with await asyncio.start_server(self.tunnel, "127.0.0.1", 0) as server:
+            self.address = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            ready.set()
+            await self.stopped.wait()
+
+    async def tunnel(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"CONNECT localhost:%d " % self.port):  # nginx only
+                raise ConnectionRefusedError
+            up_reader, up_writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, local_addr=(self.source, 0)
+            )
+        except (asyncio.IncompleteReadError, OSError):  # a preconnect given up, say
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source, sink):
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(5)
 
 
 def messages_on(page):
@@ -67,13 +119,19 @@ def wait_for(predicate, timeout, what):
 
 def test_two_people_typing_through_a_redeploy_and_a_kill_9_lose_and_notice_nothing(stack, browser):
     address = f"https://localhost:{stack.port}/3_client_broadcast.html"
-    contexts = [browser.new_context(ignore_https_errors=True) for _ in "ab"]
+    elsewhere = Elsewhere(stack.port)  # page b: another person, at another address
+    contexts = [
+        browser.new_context(ignore_https_errors=True),
+        browser.new_context(ignore_https_errors=True, proxy={"server": elsewhere.address}),
+    ]
     try:
         pages = [context.new_page() for context in contexts]
         for page in pages:
             page.goto(address)
             playwright_expect(page.locator("#me")).to_have_text(re.compile(r"^#\d+$"))
         numbers = [int(page.text_content("#me").lstrip("#")) for page in pages]
+        for number, source in zip(numbers, ["127.0.0.1", "127.0.0.2"], strict=True):
+            stack.script.wait_for(rf"client #{number} connected from {re.escape(source)}$", 10)
         playwright_expect(pages[0].locator("#clients")).to_have_text("2")
         notices = [page.locator("#log .notice").count() for page in pages]  # from here on
         for page, label in zip(pages, "ab", strict=True):
@@ -142,3 +200,4 @@ def test_two_people_typing_through_a_redeploy_and_a_kill_9_lose_and_notice_nothi
     finally:
         for context in contexts:
             context.close()
+        elsewhere.close()
