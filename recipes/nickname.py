@@ -52,8 +52,8 @@ async def handler(websocket):
     online = len(ANNOUNCED | CONVERSATION.numbers())  # those away a moment, and newcomers
     welcome = {"type": "welcome", "client": client, "clients": online}
     welcome |= HISTORY.since(since)  # {"history": [...], "recovered": bool, "latest": ID}
-    if resume:  # (chat) the proof of who it is, for its next connection: kept secret
-        welcome["resume"] = resume
+    if resume:  # (chat) the proof of who it is, for its next connection: kept secret,
+        welcome |= {"resume": resume, "rate": ARGS.rate}  # and how fast it may send
     logging.info("client #%d connected from %s", client, websocket.address)
     try:
         await websocket.send(to_json(welcome))

@@ -779,3 +779,21 @@ def test_a_restart_says_restarting_and_what_was_typed_meanwhile_goes_once(start,
         assert "The server stopped" not in page.locator("#log").text_content()
     expect(pages[0].locator("#outbox")).to_be_empty()
     assert_clean(again)
+
+
+def test_what_was_typed_while_away_goes_at_the_rate_the_server_takes(start, open_page):
+    script = start("3_websocket_broadcast.py")  # 5 a second from one address, bursts of 10
+    page = open_page("3_client_broadcast.html", script.url)
+    expect(page.locator("#me")).to_have_text("#1")
+    page.click("#connect")  # Disconnect: a person typing 20 lines, slowly, while away
+    expect(page.locator("#status")).to_have_attribute("data-state", "closed")
+    typed = [f"typed while away {n}" for n in range(20)]
+    for text in typed:
+        send(page, text)
+    expect(page.locator("#outbox .pending")).to_have_count(20)
+    page.click("#connect")  # back: all 20 at once would be over the burst of 10
+    expect(page.locator("#log .message")).to_have_count(20, timeout=15_000)
+    assert [line.split(": ", 1)[1] for line in log_lines(page, ".message")] == typed
+    expect(page.locator("#outbox")).to_be_empty()
+    assert log_lines(page, ".error") == [] and page.problems == []
+    assert_clean(script)
