@@ -46,6 +46,8 @@ async def handler(websocket):
     # A page that speaks "chat" proves who it was with the secret its last welcome gave it.
     secret = await hello(websocket) if websocket.subprotocol == CHAT else None
     client, resume = await CONVERSATION.new_client(websocket, since, secret)  # 1, 2, 3...
+    for old in [ws for ws, number in CLIENTS.items() if number == client]:  # one number, one
+        old.cut("replaced by a newer connection", 4001)  # connection (a blip left it open)
     # From joining CLIENTS to send(), nothing awaits (send() writes before it could wait):
     # so each message is either in the welcome's history or sent after it, exactly once.
     CLIENTS[websocket] = client
@@ -355,11 +357,12 @@ class Connection(ServerConnection):
             self.cut("too many pings")
         super().process_event(event)
 
-    def cut(self, reason):
-        """Close with 1008 at once; drop the TCP connection if the client doesn't answer."""
+    def cut(self, reason, code=1008):
+        """Close at once (1008: it broke a rule, logged); drop it if the client doesn't answer."""
         if self.protocol.state.name == "OPEN":
-            warn(self.address, "disconnected a client from %s: %s", self.address, reason)
-            self.protocol.fail(1008, reason)
+            if code == 1008:
+                warn(self.address, "disconnected a client from %s: %s", self.address, reason)
+            self.protocol.fail(code, reason)
             super().send_data()
             self.transport.pause_reading()  # what it sends from now on is not worth reading
             self.loop.call_later(TIMEOUT, self.transport.abort)

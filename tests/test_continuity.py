@@ -10,6 +10,7 @@ import secrets
 import pytest
 import redis.asyncio
 from conftest import assert_clean, client
+from websockets.exceptions import ConnectionClosed
 
 SCRIPT = "3_websocket_broadcast.py"
 LINGER = 5  # seconds a client that dropped has to come back before "left" is announced
@@ -115,6 +116,37 @@ async def test_a_reused_or_forged_secret_gets_a_new_number(start, how):
     assert other["client"] != owner, how
     for connection in (page, again, ws):
         await connection.close()
+    assert_clean(script)
+
+
+async def test_a_secret_used_while_its_connection_is_open_moves_the_number_to_the_new_one(
+    start,
+):
+    # The old connection may be half-open after a blip (the server has not noticed yet), or
+    # the page's tab was duplicated with its storage: one number, one connection.
+    script = start(SCRIPT)
+    async with client(script.url, user=1) as watcher:
+        await next_of(watcher, "welcome")
+        old, welcome = await chat(script.url, user=2)
+        await joined(watcher, welcome["client"])
+        new, again = await chat(script.url, welcome["resume"], user=2)
+        assert again["client"] == welcome["client"]
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:  # presence first, maybe; then the close
+                await asyncio.wait_for(old.recv(), 10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            4001,
+            "replaced by a newer connection",
+        )
+        await new.send(say("still me", "r1"))
+        assert (await next_of(watcher, "message"))["client"] == welcome["client"]
+        got = await events(watcher, LINGER + 1)  # the number never left: no "left" for it
+        assert welcome["client"] not in presence(got)[1], got
+        # The old connection's owner comes back with the secret it had: used, so a new number.
+        back, other = await chat(script.url, welcome["resume"], user=2)
+        assert other["client"] != welcome["client"]
+        for connection in (new, back):
+            await connection.close()
     assert_clean(script)
 
 
