@@ -106,11 +106,12 @@ class Connection(ServerConnection):
             self.cut("too many pings")
         super().process_event(event)
 
-    def cut(self, reason):
-        """Close with 1008 at once; drop the TCP connection if the client doesn't answer."""
+    def cut(self, reason, code=1008):
+        """Close at once (1008: it broke a rule, logged); drop it if the client doesn't answer."""
         if self.protocol.state.name == "OPEN":
-            warn(self.address, "disconnected a client from %s: %s", self.address, reason)
-            self.protocol.fail(1008, reason)
+            if code == 1008:
+                warn(self.address, "disconnected a client from %s: %s", self.address, reason)
+            self.protocol.fail(code, reason)
             super().send_data()
             self.transport.pause_reading()  # what it sends from now on is not worth reading
             self.loop.call_later(TIMEOUT, self.transport.abort)
