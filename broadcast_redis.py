@@ -168,8 +168,49 @@ class Writer:
 
 
 class Reader:
-    """Reading, one of Conversation's three jobs: every entry of both streams, in order,
-    for as long as the process runs; whatever is wrong with an entry is skipped."""
+    """Reading, one of Conversation's three jobs: at start, the history and who is here; then
+    every entry of both streams, in order, for as long as the process runs; whatever is
+    wrong with an entry is skipped."""
+
+    async def recent_presence(self):
+        """Who is on the other processes, from the last SILENT_LIMIT seconds of presence,
+        read before the first client: a process that (re)starts announces nobody as new.
+        (One that died within them is forgotten SILENT_LIMIT seconds from now.)"""
+        seconds, microseconds = await self.redis.time()
+        start = seconds * 1000 + microseconds // 1000 - SILENT_LIMIT * 1000
+        recent = await self.redis.xrange(self.PRESENCE, f"{start}-0", count=KEEP)
+        newest = recent[-1:] or await self.redis.xrevrange(self.PRESENCE, count=1)
+        self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"  # relay() goes on there
+        for entry_id, fields in recent:
+            self.receive(self.PRESENCE, entry_id, fields)
+
+    async def load_history(self):
+        """The latest messages of the stream, read newest first in pages of COUNT."""
+        self.history.known = self.history.latest = "0-0"  # the stream's ids, from its start
+        try:
+            info = await self.redis.xinfo_stream(self.MESSAGES)
+        except ResponseError as exc:
+            if "no such key" not in str(exc):
+                raise
+            return  # no such stream yet: nothing was ever said
+        entries, upto, wanted = [], "+", self.history.size + 1
+        while len(entries) < wanted:
+            count = min(COUNT, wanted - len(entries))
+            page = await self.redis.xrevrange(self.MESSAGES, upto, "-", count=count)
+            entries += page
+            if len(page) < count:
+                break
+            upto = f"({page[-1][0]}"  # "(": before the oldest of this page
+        self.last[self.MESSAGES] = entries[0][0] if entries else info["last-generated-id"]
+        if len(entries) == wanted or info["entries-added"] > info["length"]:  # some are gone:
+            self.history.known = entries.pop()[0] if entries else self.last[self.MESSAGES]
+        self.history.latest = self.history.known  # until a message is added
+        for entry_id, fields in reversed(entries):
+            with contextlib.suppress(Exception):  # a bad entry: relay() logs those it reads
+                if (event := self.message(entry_id, fields)) and event["type"] == "message":
+                    self.history.add(event)
+
+    # The interface the handler uses.
 
     async def relay(self):
         """Deliver each new entry; if Redis goes away, retry every second or so, then resume."""
@@ -363,46 +404,6 @@ class Conversation(Reader, Writer):
         for work in (self.relay, self.write, self.beat):
             self.tasks.append(asyncio.create_task(work()))
         self.tasks[0].add_done_callback(self.reader_ended)
-
-    async def recent_presence(self):
-        """Who is on the other processes, from the last SILENT_LIMIT seconds of presence,
-        read before the first client: a process that (re)starts announces nobody as new.
-        (One that died within them is forgotten SILENT_LIMIT seconds from now.)"""
-        seconds, microseconds = await self.redis.time()
-        start = seconds * 1000 + microseconds // 1000 - SILENT_LIMIT * 1000
-        recent = await self.redis.xrange(self.PRESENCE, f"{start}-0", count=KEEP)
-        newest = recent[-1:] or await self.redis.xrevrange(self.PRESENCE, count=1)
-        self.last[self.PRESENCE] = newest[0][0] if newest else "0-0"  # relay() goes on there
-        for entry_id, fields in recent:
-            self.receive(self.PRESENCE, entry_id, fields)
-
-    async def load_history(self):
-        """The latest messages of the stream, read newest first in pages of COUNT."""
-        self.history.known = self.history.latest = "0-0"  # the stream's ids, from its start
-        try:
-            info = await self.redis.xinfo_stream(self.MESSAGES)
-        except ResponseError as exc:
-            if "no such key" not in str(exc):
-                raise
-            return  # no such stream yet: nothing was ever said
-        entries, upto, wanted = [], "+", self.history.size + 1
-        while len(entries) < wanted:
-            count = min(COUNT, wanted - len(entries))
-            page = await self.redis.xrevrange(self.MESSAGES, upto, "-", count=count)
-            entries += page
-            if len(page) < count:
-                break
-            upto = f"({page[-1][0]}"  # "(": before the oldest of this page
-        self.last[self.MESSAGES] = entries[0][0] if entries else info["last-generated-id"]
-        if len(entries) == wanted or info["entries-added"] > info["length"]:  # some are gone:
-            self.history.known = entries.pop()[0] if entries else self.last[self.MESSAGES]
-        self.history.latest = self.history.known  # until a message is added
-        for entry_id, fields in reversed(entries):
-            with contextlib.suppress(Exception):  # a bad entry: relay() logs those it reads
-                if (event := self.message(entry_id, fields)) and event["type"] == "message":
-                    self.history.add(event)
-
-    # The interface the handler uses.
 
     async def new_client(self, websocket, since, secret):
         """The number a secret was given for (once, by any process), else one unique across
